@@ -1,0 +1,1 @@
+"""Library code of the SSD sample: conversion, backends, pre/post-processing."""
