@@ -1,0 +1,158 @@
+"""TensorFlow GraphDef surgery for TF Object Detection API SSD frozen graphs.
+
+The frozen graph is cut down to its core network: the Preprocessor is replaced by one float
+input ``Input`` (NHWC here; tf2onnx makes it NCHW), Assert nodes are removed, Identity nodes are
+forwarded, and everything past the box-encoding and class-logit concats (anchors, decoding, NMS)
+is pruned. What the post-processing needs is read from the graph into an ``SsdSpec`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import UserError
+
+INPUT_NAME = "Input"
+BOX_CONCAT = "concat"
+CLASS_CONCAT = "concat_1"
+ANCHOR_CONCAT_SUFFIX = "Concatenate/concat"
+
+
+def _tf():
+    """Import TensorFlow lazily and quietly (it is slow and chatty)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf  # noqa: PLC0415
+
+    return tf
+
+
+@dataclass(frozen=True)
+class SsdGraphNodes:
+    """Names of the nodes of a TF OD API SSD graph that the converter cuts at."""
+
+    preprocessed: str          # the Preprocessor output that feeds the feature extractor
+    image_input: str           # the original uint8 placeholder (image_tensor)
+    box_concat: str            # [N, A, 1, 4] box encodings
+    class_concat: str          # [N, A, C] class logits
+    anchor_concat: str         # [A, 4] anchors (ymin, xmin, ymax, xmax), constant
+    box_predictors: tuple[str, ...]  # BoxPredictor_i namespaces, in anchor order
+
+
+def load_graph_def(path: Path):
+    """Read a frozen GraphDef; a file that is not one gives a one-line UserError."""
+    tf = _tf()
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read graph '{path}': {exc.strerror}; give a frozen_inference_graph.pb") from exc
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-like errors
+        raise UserError(f"'{path}' is not a TensorFlow GraphDef ({type(exc).__name__}); "
+                        "give the frozen_inference_graph.pb exported by the TF Object Detection API") from exc
+    if not graph_def.node or not all(node.name and node.op for node in graph_def.node):
+        raise UserError(f"'{path}' is not a TensorFlow GraphDef (no nodes could be read); "
+                        "give the frozen_inference_graph.pb exported by the TF Object Detection API")
+    return graph_def
+
+
+def find_ssd_nodes(graph_def, path: Path | str = "graph") -> SsdGraphNodes:
+    """Locate the SSD landmarks; a graph without them gives one line naming what is missing."""
+    nodes = {node.name: node for node in graph_def.node}
+    missing = [name for name in ("image_tensor", BOX_CONCAT, CLASS_CONCAT) if name not in nodes]
+
+    preprocessed = sorted({
+        inp.split(":")[0]
+        for node in graph_def.node if node.name.startswith("FeatureExtractor/")
+        for inp in node.input if inp.startswith("Preprocessor/")
+    })
+    if len(preprocessed) != 1:
+        missing.append("a Preprocessor output feeding FeatureExtractor")
+    anchors = sorted(name for name in nodes
+                     if name.endswith(ANCHOR_CONCAT_SUFFIX) and not name.startswith("Postprocessor/"))
+    if not anchors:
+        missing.append(f"the anchor generator's '{ANCHOR_CONCAT_SUFFIX}'")
+    predictors = tuple(sorted({name.split("/")[0] for name in nodes if name.startswith("BoxPredictor_")},
+                              key=lambda ns: int(ns.split("_")[1]) if ns.split("_")[1].isdigit() else 0))
+    if not predictors:
+        missing.append("BoxPredictor_* layers")
+    if missing:
+        raise UserError(f"'{path}' is not a TF Object Detection API SSD graph: missing {', '.join(missing)}")
+    return SsdGraphNodes(preprocessed=preprocessed[0], image_input="image_tensor", box_concat=BOX_CONCAT,
+                         class_concat=CLASS_CONCAT, anchor_concat=anchors[0], box_predictors=predictors)
+
+
+def extract_core(graph_def, ssd_nodes: SsdGraphNodes, input_size: tuple[int, int]):
+    """Return the core network: ``Input`` [N,H,W,3] float (values in [-1,1]) -> the two concats.
+
+    input_size is (width, height).
+    """
+    tf = _tf()
+    width, height = input_size
+    core = tf.compat.v1.GraphDef()
+    core.versions.CopyFrom(graph_def.versions)
+
+    # Identity forwarding map (resolved through chains), Assert nodes dropped.
+    forward = {node.name: node.input[0] for node in graph_def.node
+               if node.op == "Identity" and node.input and not node.input[0].startswith("^")}
+
+    def resolve(name: str) -> str:
+        base, _, port = name.partition(":")
+        while base in forward and port in ("", "0"):  # an Identity has one output
+            base, _, port = forward[base].partition(":")
+        if base == ssd_nodes.preprocessed and port in ("", "0"):
+            return INPUT_NAME
+        return f"{base}:{port}" if port not in ("", "0") else base
+
+    placeholder = core.node.add()
+    placeholder.name = INPUT_NAME
+    placeholder.op = "Placeholder"
+    placeholder.attr["dtype"].type = tf.float32.as_datatype_enum
+    placeholder.attr["shape"].shape.CopyFrom(
+        tf.TensorShape([None, height, width, 3]).as_proto())
+
+    for node in graph_def.node:
+        if node.op in ("Assert", "Identity") or node.name == INPUT_NAME:
+            continue
+        new_node = core.node.add()
+        new_node.CopyFrom(node)
+        del new_node.input[:]
+        new_node.input.extend(resolve(inp) for inp in node.input if not inp.startswith("^"))
+
+    return tf.compat.v1.graph_util.extract_sub_graph(core, [ssd_nodes.box_concat, ssd_nodes.class_concat])
+
+
+def evaluate(graph_def, fetches: list[str], feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Run tensors of a GraphDef in a TF1 session (used for anchors, shapes and the reference)."""
+    tf = _tf()
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as session:
+        return session.run([name if ":" in name else f"{name}:0" for name in fetches],
+                           feed_dict={f"{k}:0" if ":" not in k else k: v for k, v in (feeds or {}).items()})
+
+
+def static_shapes(graph_def, tensor_names: list[str]) -> list[list[int | None]]:
+    """Static shapes of tensors after importing the graph (the core graph has a fixed H, W)."""
+    tf = _tf()
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    return [graph.get_tensor_by_name(name if ":" in name else f"{name}:0").shape.as_list()
+            for name in tensor_names]
+
+
+def const_value(graph_def, name_suffix: str) -> np.ndarray | None:
+    """Value of the first Const node whose name ends with ``name_suffix`` (None when absent)."""
+    tf = _tf()
+    for node in graph_def.node:
+        if node.op == "Const" and node.name.endswith(name_suffix):
+            return tf.make_ndarray(node.attr["value"].tensor)
+    return None
