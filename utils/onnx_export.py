@@ -1,0 +1,171 @@
+"""Frozen SSD graph -> ONNX: tf2onnx on the core network, then one onnx-graphsurgeon step per flavour.
+
+Flavour ``portable``: constant anchors and standard ONNX ops (NonMaxSuppression, TopK, ...), run by
+ONNX Runtime and by TensorRT's INMSLayer. It reproduces TF's post-processing: TF_CENTER decoding
+with the box-coder scales, sigmoid scores, per-class NMS without background, the union sorted by
+score, boxes clipped to [0, 1] (zero-area ones dropped, as TF's ClipToWindow does), the best
+keepTopK kept. The outputs are those of NMS_TRT:
+``detections`` [N, keepTopK, 7] = (image_id, label, confidence, xmin, ymin, xmax, ymax) and
+``num_detections`` [N] int32; unused rows hold (image_id, -1, 0, 0, 0, 0, 0) as NMS_TRT's do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from utils import anchors as anchor_math
+from utils import tf_graph
+from utils.files import atomic_path
+from utils.ssd_spec import SsdSpec
+
+OPSET = 17
+FLAVOURS = ("portable",)
+INPUT = tf_graph.INPUT_NAME
+BOX_ENCODINGS = "box_encodings"
+CLASS_LOGITS = "class_logits"
+DETECTIONS = "detections"
+NUM_DETECTIONS = "num_detections"
+
+
+def convert_core(core_graph_def, spec: SsdSpec):
+    """tf2onnx on the core graph: ``Input`` NCHW float -> ``box_encodings``, ``class_logits``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tf2onnx  # noqa: PLC0415  (imports TensorFlow)
+
+    tf2onnx.logging.set_level(tf2onnx.logging.ERROR)
+    model_proto, _ = tf2onnx.convert.from_graph_def(
+        core_graph_def,
+        input_names=[f"{INPUT}:0"],
+        output_names=[f"{tf_graph.BOX_CONCAT}:0", f"{tf_graph.CLASS_CONCAT}:0"],
+        opset=OPSET,
+        inputs_as_nchw=[f"{INPUT}:0"],
+        tensors_to_rename={f"{INPUT}:0": INPUT, f"{tf_graph.BOX_CONCAT}:0": BOX_ENCODINGS,
+                           f"{tf_graph.CLASS_CONCAT}:0": CLASS_LOGITS},
+    )
+    return model_proto
+
+
+class _Builder:
+    """Adds nodes to an onnx-graphsurgeon graph, one call per op, returning the output tensor."""
+
+    def __init__(self, graph):
+        import onnx_graphsurgeon as gs  # noqa: PLC0415
+
+        self.gs = gs
+        self.graph = graph
+        self.count = 0
+
+    def const(self, name: str, value) -> "object":
+        return self.gs.Constant(f"{name}_const", np.asarray(value))
+
+    def op(self, op: str, inputs: list, attrs: dict | None = None, name: str | None = None,
+           num_outputs: int = 1, dtype=None, shape=None):
+        self.count += 1
+        base = name or f"post_{op.lower()}_{self.count}"
+        outputs = [self.gs.Variable(f"{base}_out{i}" if num_outputs > 1 else base, dtype=dtype, shape=shape)
+                   for i in range(num_outputs)]
+        self.graph.layer(op=op, name=f"{base}_node", inputs=inputs, outputs=outputs, attrs=attrs or {})
+        return outputs if num_outputs > 1 else outputs[0]
+
+
+def _decode_boxes(build: _Builder, box_encodings, spec: SsdSpec):
+    """TF_CENTER decoding of [N, A, 4] encodings against constant anchors -> [N, A, 4] corners."""
+    centers, sizes = anchor_math.to_center_size(anchor_math.grid_anchors(spec.anchors))
+    y_scale, x_scale, h_scale, w_scale = spec.box_coder_scales
+    encodings = build.op("Reshape", [box_encodings, build.const("box_shape", np.array([0, -1, 4], np.int64))])
+    center_codes, size_codes = build.op("Split", [encodings, build.const("split", np.array([2, 2], np.int64))],
+                                        {"axis": 2}, num_outputs=2)
+    center_codes = build.op("Div", [center_codes, build.const("center_scale", np.array([y_scale, x_scale], np.float32))])
+    size_codes = build.op("Div", [size_codes, build.const("size_scale", np.array([h_scale, w_scale], np.float32))])
+    anchor_sizes = build.const("anchor_sizes", sizes)
+    box_centers = build.op("Add", [build.op("Mul", [center_codes, anchor_sizes]), build.const("anchor_centers", centers)])
+    half_sizes = build.op("Div", [build.op("Mul", [build.op("Exp", [size_codes]), anchor_sizes]),
+                                  build.const("two", np.float32(2.0))])
+    corners = build.op("Concat", [build.op("Sub", [box_centers, half_sizes]),
+                                  build.op("Add", [box_centers, half_sizes])], {"axis": 2})
+    return corners  # (ymin, xmin, ymax, xmax)
+
+
+def add_portable_postprocessing(model_proto, spec: SsdSpec):
+    """Attach decoding, sigmoid, per-class NMS and top-k with standard ONNX ops; returns the model."""
+    import onnx_graphsurgeon as gs  # noqa: PLC0415
+
+    graph = gs.import_onnx(model_proto)
+    tensors = graph.tensors()
+    build = _Builder(graph)
+    num_anchors = spec.num_anchors
+    keep_top_k = min(spec.nms.keep_top_k, num_anchors * (spec.num_classes - 1))
+
+    boxes = _decode_boxes(build, tensors[BOX_ENCODINGS], spec)                       # [N, A, 4]
+    scores = build.op("Sigmoid", [tensors[CLASS_LOGITS]])                            # [N, A, C]
+    scores = build.op("Slice", [scores, build.const("bg_start", np.array([1], np.int64)),
+                                build.const("bg_end", np.array([spec.num_classes], np.int64)),
+                                build.const("bg_axis", np.array([2], np.int64))])    # [N, A, C-1]
+    scores = build.op("Transpose", [scores], {"perm": [0, 2, 1]})                   # [N, C-1, A]
+
+    selected = build.op("NonMaxSuppression", [
+        boxes, scores,
+        build.const("max_per_class", np.array([spec.nms.top_k], np.int64)),
+        build.const("iou_threshold", np.array([spec.nms.iou_threshold], np.float32)),
+        build.const("score_threshold", np.array([spec.nms.score_threshold], np.float32)),
+    ], {"center_point_box": 0})                                                      # [K, 3]
+
+    # Dense mask of the selected (image, class, anchor) triples, minus boxes with no area once clipped.
+    ones = build.op("ConstantOfShape", [build.op("Slice", [build.op("Shape", [selected]),
+                                                           build.const("k_start", np.array([0], np.int64)),
+                                                           build.const("k_end", np.array([1], np.int64))])],
+                    {"value": gs.Constant("one", np.array([1.0], np.float32))})
+    zeros = build.op("ConstantOfShape", [build.op("Shape", [scores])],
+                     {"value": gs.Constant("zero_fill", np.array([0.0], np.float32))})
+    mask = build.op("ScatterND", [zeros, selected, ones])                            # [N, C-1, A]
+    clipped = build.op("Clip", [boxes, build.const("zero", np.float32(0.0)), build.const("one_f", np.float32(1.0))])
+    mins, maxs = build.op("Split", [clipped, build.const("split_corners", np.array([2, 2], np.int64))],
+                          {"axis": 2}, num_outputs=2)
+    extent = build.op("Sub", [maxs, mins])                                           # [N, A, 2]
+    area = build.op("ReduceProd", [extent], {"axes": [2], "keepdims": 0})           # [N, A]
+    has_area = build.op("Greater", [area, build.const("zero_area", np.float32(0.0))])
+    has_area = build.op("Unsqueeze", [has_area, build.const("class_axis", np.array([1], np.int64))])
+    keep = build.op("And", [build.op("Greater", [mask, build.const("half", np.float32(0.5))]), has_area])
+    ranked = build.op("Where", [keep, scores, build.const("minus_one", np.float32(-1.0))])
+    ranked = build.op("Reshape", [ranked, build.const("flat_shape", np.array([0, -1], np.int64))])
+
+    top_scores, top_index = build.op("TopK", [ranked, build.const("keep_top_k", np.array([keep_top_k], np.int64))],
+                                     {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)  # [N, K]
+    anchor_count = build.const("anchor_count", np.int64(num_anchors))
+    class_index = build.op("Div", [top_index, anchor_count])
+    anchor_index = build.op("Mod", [top_index, anchor_count])
+    top_boxes = build.op("GatherND", [clipped, build.op("Unsqueeze", [anchor_index, build.const("last", np.array([2], np.int64))])],
+                         {"batch_dims": 1})                                          # [N, K, 4] y/x order
+    top_boxes = build.op("Gather", [top_boxes, build.const("yx_to_xy", np.array([1, 0, 3, 2], np.int64))], {"axis": 2})
+
+    valid = build.op("Greater", [top_scores, build.const("valid_floor", np.float32(-0.5))])  # [N, K]
+    label = build.op("Cast", [build.op("Add", [class_index, build.const("label_offset", np.int64(1))])],
+                     {"to": 1})
+    label = build.op("Where", [valid, label, build.const("no_label", np.float32(-1.0))])
+    confidence = build.op("Where", [valid, top_scores, build.const("no_score", np.float32(0.0))])
+    top_boxes = build.op("Where", [build.op("Unsqueeze", [valid, build.const("box_axis", np.array([2], np.int64))]),
+                                   top_boxes, build.const("no_box", np.float32(0.0))])
+    batch = build.op("Squeeze", [build.op("Slice", [build.op("Shape", [ranked]),
+                                                    build.const("n_start", np.array([0], np.int64)),
+                                                    build.const("n_end", np.array([1], np.int64))]),
+                                 build.const("n_axis", np.array([0], np.int64))])
+    image_id = build.op("Range", [build.const("r0", np.int64(0)), batch, build.const("r1", np.int64(1))])
+    image_id = build.op("Unsqueeze", [build.op("Cast", [image_id], {"to": 1}),
+                                      build.const("id_axis", np.array([1], np.int64))])           # [N, 1]
+    image_id = build.op("Expand", [image_id, build.op("Shape", [top_scores])])                  # [N, K]
+    fields = [build.op("Unsqueeze", [t, build.const(f"f{i}", np.array([2], np.int64))])
+              for i, t in enumerate([image_id, label, confidence])]
+    detections = build.op("Concat", fields + [top_boxes], {"axis": 2}, name=DETECTIONS,
+                          dtype=np.float32, shape=["N", keep_top_k, 7])
+    num_detections = build.op("ReduceSum", [build.op("Cast", [valid], {"to": 6}),
+                                            build.const("sum_axis", np.array([1], np.int64))],
+                              {"keepdims": 0}, name=NUM_DETECTIONS, dtype=np.int32, shape=["N"])
+
+    graph.outputs = [detections, num_detections]
+    graph.inputs[0].shape = ["N", 3, spec.input_size[1], spec.input_size[0]]
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
