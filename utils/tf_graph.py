@@ -27,6 +27,7 @@ def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf  # noqa: PLC0415
 
+    tf.get_logger().setLevel("ERROR")
     return tf
 
 

@@ -1,0 +1,57 @@
+"""Argument groups and error handling shared by the command-line scripts."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
+
+from utils.converter import NmsOverrides  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.models import DEFAULT_MODEL, registry_names  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORKSPACE = REPO_ROOT / "workspace"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", default=None,
+                        help=f"a registry name ({', '.join(registry_names())}), a model folder or a .pb file "
+                             f"(default: {DEFAULT_MODEL}, falling back to the pedestrian model when offline)")
+    parser.add_argument("-w", "--workspace", type=Path, default=DEFAULT_WORKSPACE,
+                        help="folder for downloaded models, converted graphs and results (default: %(default)s)")
+
+
+def add_nms_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("NMS (defaults: the graph's / pipeline.config's values)")
+    group.add_argument("--score-threshold", type=float, help="confidence below which boxes are dropped before NMS")
+    group.add_argument("--iou-threshold", type=float, help="IoU above which a box is suppressed")
+    group.add_argument("--top-k", type=int, help="boxes kept per class")
+    group.add_argument("--keep-top-k", type=int, help="boxes kept per image")
+
+
+def nms_overrides(args: argparse.Namespace) -> NmsOverrides:
+    return NmsOverrides(args.score_threshold, args.iou_threshold, args.top_k, args.keep_top_k)
+
+
+def log(message: str) -> None:
+    """Progress lines go to stderr so that stdout stays parseable."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a UserError into one ``error: ...`` line and its exit code."""
+    try:
+        yield
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
