@@ -22,7 +22,7 @@ CLASS_CONCAT = "concat_1"
 ANCHOR_CONCAT_SUFFIX = "Concatenate/concat"
 
 
-def _tf():
+def import_tensorflow():
     """Import TensorFlow lazily and quietly (it is slow and chatty)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf  # noqa: PLC0415
@@ -45,7 +45,7 @@ class SsdGraphNodes:
 
 def load_graph_def(path: Path):
     """Read a frozen GraphDef; a file that is not one gives a one-line UserError."""
-    tf = _tf()
+    tf = import_tensorflow()
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -94,7 +94,7 @@ def extract_core(graph_def, ssd_nodes: SsdGraphNodes, input_size: tuple[int, int
 
     input_size is (width, height).
     """
-    tf = _tf()
+    tf = import_tensorflow()
     width, height = input_size
     core = tf.compat.v1.GraphDef()
     core.versions.CopyFrom(graph_def.versions)
@@ -129,20 +129,25 @@ def extract_core(graph_def, ssd_nodes: SsdGraphNodes, input_size: tuple[int, int
     return tf.compat.v1.graph_util.extract_sub_graph(core, [ssd_nodes.box_concat, ssd_nodes.class_concat])
 
 
-def evaluate(graph_def, fetches: list[str], feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    """Run tensors of a GraphDef in a TF1 session (used for anchors, shapes and the reference)."""
-    tf = _tf()
+def open_session(graph_def):
+    """A TF1 session on a GraphDef imported without a name prefix."""
+    tf = import_tensorflow()
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.import_graph_def(graph_def, name="")
-    with tf.compat.v1.Session(graph=graph) as session:
+    return tf.compat.v1.Session(graph=graph)
+
+
+def evaluate(graph_def, fetches: list[str], feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Run tensors of a GraphDef once (used for anchors and the reference outputs)."""
+    with open_session(graph_def) as session:
         return session.run([name if ":" in name else f"{name}:0" for name in fetches],
                            feed_dict={f"{k}:0" if ":" not in k else k: v for k, v in (feeds or {}).items()})
 
 
 def static_shapes(graph_def, tensor_names: list[str]) -> list[list[int | None]]:
     """Static shapes of tensors after importing the graph (the core graph has a fixed H, W)."""
-    tf = _tf()
+    tf = import_tensorflow()
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.import_graph_def(graph_def, name="")
@@ -152,7 +157,7 @@ def static_shapes(graph_def, tensor_names: list[str]) -> list[list[int | None]]:
 
 def const_value(graph_def, name_suffix: str) -> np.ndarray | None:
     """Value of the first Const node whose name ends with ``name_suffix`` (None when absent)."""
-    tf = _tf()
+    tf = import_tensorflow()
     for node in graph_def.node:
         if node.op == "Const" and node.name.endswith(name_suffix):
             return tf.make_ndarray(node.attr["value"].tensor)

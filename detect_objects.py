@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Detect objects in images with an SSD model and draw labelled boxes on them.
+
+Examples:
+  python detect_objects.py images/person.jpg
+  python detect_objects.py images/ -b 4 --json detections.json
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from utils import cli
+from utils.backends import BACKENDS, create_backend
+from utils.detection import collect_images, coco_results, detect_images
+from utils.draw import draw_detections
+from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, UserError
+from utils.files import atomic_path, write_text_atomic
+from utils.labels import label_map_for, label_name
+from utils.models import resolve_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    cli.add_model_args(parser)
+    parser.add_argument("-b", "--max-batch-size", type=int, default=1, help="images per inference batch (default 1)")
+    parser.add_argument("-p", "--precision", choices=("FP32", "FP16", "INT8"), default="FP32",
+                        help="inference precision (FP32 in this release)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto = the best installed (onnxruntime, then tensorflow)")
+    parser.add_argument("-t", "--threshold", type=float, default=0.5,
+                        help="confidence to show a detection (default 0.5)")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="annotated image to write (one input; default image_inferred.jpg) or folder "
+                             "(several inputs; default WORKSPACE/detections)")
+    parser.add_argument("--json", type=Path, help="write all detections above the threshold as COCO results JSON")
+    cli.add_nms_args(parser)
+    args = parser.parse_args(argv)
+    if args.max_batch_size < 1:
+        parser.error("--max-batch-size must be at least 1")
+    if not 0.0 <= args.threshold <= 1.0:
+        parser.error("--threshold must be between 0 and 1")
+    return args
+
+
+def output_path_for(image_path: Path, output: Path | None, single: bool, workspace: Path) -> Path:
+    if single:
+        return output or Path("image_inferred.jpg")
+    folder = output or workspace / "detections"
+    return folder / f"{image_path.stem}_inferred.jpg"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    inputs = collect_images(args.inputs)
+    single = len(inputs.files) == 1 and not inputs.errors and not Path(args.inputs[0]).is_dir()
+    if args.output and not single and args.output.suffix.lower() in (".jpg", ".jpeg", ".png"):
+        cli.log(f"error: {len(inputs.files)} images need an output folder, not the file {args.output}")
+        return 2
+    failures = list(inputs.errors)
+    coco = []
+    with cli.user_errors():
+        model = resolve_model(args.model, args.workspace)
+        backend = create_backend(args.backend, model, args.precision, args.max_batch_size,
+                                 cli.nms_overrides(args), cli.log)
+        print("\n".join(backend.settings()) + "\n", flush=True)
+        labels = label_map_for(model.labels, backend.spec.num_classes)
+        for result in detect_images(backend, inputs.files, args.max_batch_size):
+            if result.error:
+                cli.log(f"error: {result.error}")
+                failures.append(result)
+                continue
+            started = time.perf_counter()
+            shown = result.rows[result.rows[:, 2] >= args.threshold]
+            if len(inputs.files) > 1:
+                print(f"{result.path}:")
+            for row in shown:
+                print(f"Detected {label_name(labels, int(row[1]))} with confidence {row[2] * 100:.0f}%")
+            target = output_path_for(result.path, args.output, single, args.workspace)
+            try:
+                with atomic_path(target) as tmp:
+                    draw_detections(result.image, shown, labels).save(tmp)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot write '{target}': {exc}; choose another -o/--output") from exc
+            coco.extend(coco_results(result, args.threshold))
+            per_image = result.total_ms / result.batch_size + (time.perf_counter() - started) * 1000
+            batch_note = f" (batch of {result.batch_size})" if result.batch_size > 1 else ""
+            print(f"{backend.name} inference time: {result.inference_ms:.0f} ms{batch_note}")
+            print(f"Total time taken for one image: {per_image:.0f} ms")
+            print(f"Saved output image to: {target}\n", flush=True)
+        if args.json:
+            write_text_atomic(args.json, json.dumps(coco, indent=1))
+            print(f"Saved {len(coco)} detections to: {args.json}")
+    if failures:
+        cli.log(f"{len(failures)} of {len(inputs.files) + len(inputs.errors)} inputs failed")
+        return EXIT_SOME_INPUTS_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
