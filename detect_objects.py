@@ -15,6 +15,7 @@ from pathlib import Path
 from utils import cli
 from utils.backends import BACKENDS, create_backend
 from utils.detection import collect_images, coco_results, detect_images
+from utils.converter import check_options
 from utils.draw import draw_detections
 from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, UserError
 from utils.files import atomic_path, write_text_atomic
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = list(inputs.errors)
     coco = []
     with cli.user_errors():
+        check_options("portable", args.precision)
         model = resolve_model(args.model, args.workspace)
         backend = create_backend(args.backend, model, args.precision, args.max_batch_size,
                                  cli.nms_overrides(args), cli.log)

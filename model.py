@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from utils import cli
-from utils.converter import PRECISIONS, NmsOverrides, convert
+from utils.converter import PRECISIONS, check_options, convert
 from utils.models import resolve_model
 from utils.onnx_export import FLAVOURS
 
@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with cli.user_errors():
+        check_options(args.flavour, args.precision)
         model = resolve_model(args.model, args.workspace)
         cli.log(f"Converting {model.graph_path} ({args.flavour}, {args.precision})...")
         converted = convert(model, args.flavour, args.precision, cli.nms_overrides(args), args.output, args.force)

@@ -211,7 +211,8 @@ def test_folder_spec(tmp_path, workspace):
     assert model.name == "my_model"
     assert model.graph_path == folder / "frozen_inference_graph.pb"
     assert model.config_path == folder / "pipeline.config"
-    assert model.output_dir == workspace / "models" / "my_model" and model.output_dir.is_dir()
+    assert model.output_dir == workspace / "models" / "my_model"
+    assert not model.output_dir.exists()  # made only when something is written there
     assert model.labels is None
 
 

@@ -77,14 +77,19 @@ def read_spec(model: ResolvedModel) -> tuple[object, object, tf_graph.SsdGraphNo
     return graph_def, probe, nodes, spec
 
 
-def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "FP32",
-            nms: NmsOverrides = NmsOverrides(), output: Path | None = None, force: bool = False) -> ConvertedModel:
-    """Build the ONNX of ``model`` (or reuse the cached one whose key matches)."""
+def check_options(flavour: str, precision: str) -> None:
+    """Refuse a flavour or precision this release cannot build (before anything is downloaded)."""
     if flavour not in onnx_export.FLAVOURS:
         raise UserError(f"flavour '{flavour}' is not available yet; choose one of {', '.join(onnx_export.FLAVOURS)}")
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision} is not available yet (FP16/INT8 variants come with the TensorRT "
                         f"path); use -p {' or '.join(PRECISIONS)}")
+
+
+def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "FP32",
+            nms: NmsOverrides = NmsOverrides(), output: Path | None = None, force: bool = False) -> ConvertedModel:
+    """Build the ONNX of ``model`` (or reuse the cached one whose key matches)."""
+    check_options(flavour, precision)
     onnx_path = Path(output) if output else default_onnx_path(model, flavour, precision)
     key_path = onnx_path.with_suffix(".json")
     key = _cache_key(model, flavour, precision, nms)

@@ -22,6 +22,9 @@ def atomic_path(final_path: os.PathLike | str) -> Iterator[Path]:
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp_path, final_path)
     finally:
         if tmp_path.exists():

@@ -143,8 +143,7 @@ def _resolve_local(name: str, graph_path: Path, workspace: Path) -> ResolvedMode
 
 
 def _resolved(name: str, graph_path: Path, output_dir: Path, labels: str | None) -> ResolvedModel:
-    """Build the ResolvedModel, creating the output folder and finding pipeline.config."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Build the ResolvedModel, finding pipeline.config (the output folder is made when written to)."""
     config_path = graph_path.parent / CONFIG_NAME
     return ResolvedModel(name=name, graph_path=graph_path, output_dir=output_dir,
                          config_path=config_path if config_path.is_file() else None, labels=labels)

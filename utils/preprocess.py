@@ -30,7 +30,7 @@ def _read_failure(path: str | os.PathLike, error: Exception) -> str:
         reason = "the file is empty" if empty else "not an image format Pillow recognises"
     else:
         reason = " ".join(str(error).split()) or type(error).__name__
-    return f"cannot read image '{os.fspath(path)}': {reason}; give a JPEG or PNG file"
+    return f"cannot read image {os.fspath(path)!r}: {reason}; give a JPEG or PNG file"
 
 
 def _grey_to_8bit(image: Image.Image) -> Image.Image:
