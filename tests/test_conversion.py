@@ -137,3 +137,20 @@ def test_pipeline_config_that_contradicts_the_graph_is_refused(pedestrian_model,
     model = resolve_model(str(folder), tmp_path / "ws")
     with pytest.raises(UserError, match="num_classes 90"):
         read_spec(model)
+
+
+def test_our_preprocessing_equals_the_graphs_own(pedestrian_model, shared_dir):
+    """Original uint8 photos through the untouched graph (its own resize) == our resize + the graph from ToFloat."""
+    from utils.backends.tensorflow import OUTPUTS, to_nms_trt_form
+
+    backend = create_backend("tensorflow", pedestrian_model, log=lambda _: None)
+    session = backend.session
+    for path in _photos(shared_dir)[:8]:
+        image = load_image(path)
+        reference = to_nms_trt_form(*session.run([f"{name}:0" for name in OUTPUTS],
+                                                 {"image_tensor:0": np.asarray(image)[None]}))
+        ours = backend.detect(preprocess(image)[None])
+        theirs_rows = valid_rows(reference[0][0], reference[1][0], 0.3)
+        our_rows = valid_rows(ours[0][0], ours[1][0], 0.3)
+        assert our_rows.shape == theirs_rows.shape, path.name
+        np.testing.assert_allclose(our_rows, theirs_rows, atol=1e-3)

@@ -7,7 +7,7 @@ from PIL import Image
 from conftest import IMAGES_DIR
 from utils.errors import ImageError
 from utils.preprocess import (INPUT_SIZE, load_image, preprocess, resize_for_network, to_network_input,
-                              to_uint8_images)
+                              to_pixel_values)
 
 DOG = IMAGES_DIR / "dog.jpg"
 
@@ -192,14 +192,24 @@ def test_preprocess_shape_dtype_range():
 
 
 def test_preprocess_order_of_operations(dog):
-    expected = np.asarray(dog.resize((300, 300), Image.Resampling.BILINEAR)).astype(np.float32)
+    expected = resize_for_network(dog)
     expected = (expected * np.float32(2 / 255) - np.float32(1)).transpose(2, 0, 1)
     assert np.array_equal(preprocess(dog), expected)
 
 
+def test_resize_equals_tensorflows_own_resize(dog):
+    """The graphs resize with TF's legacy ResizeBilinear (align_corners=False, half_pixel_centers=False)."""
+    tf = pytest.importorskip("tensorflow")
+    for image in (dog, load_image(IMAGES_DIR / "person.jpg"), dog.resize((97, 251))):
+        for size in ((300, 300), (320, 240)):
+            theirs = tf.compat.v1.image.resize_bilinear(np.asarray(image, np.float32)[None], size[::-1],
+                                                        align_corners=False, half_pixel_centers=False)
+            np.testing.assert_allclose(resize_for_network(image, size), theirs.numpy()[0], atol=2e-3, rtol=0)
+
+
 def test_size_is_width_height(dog):
     assert resize_for_network(dog, (320, 240)).shape == (240, 320, 3)
-    assert resize_for_network(dog, (320, 240)).dtype == np.uint8
+    assert resize_for_network(dog, (320, 240)).dtype == np.float32
     assert preprocess(dog, (320, 240)).shape == (3, 240, 320)
 
 
@@ -212,19 +222,17 @@ def test_batch_layout(dog):
     assert np.array_equal(batch[1], preprocess(dog.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
 
 
-def test_to_uint8_images_is_exact_inverse():
+def test_to_pixel_values_inverts_to_network_input():
     values = np.arange(256, dtype=np.uint8)
     images = np.stack([values, values[::-1], np.roll(values, 7)], axis=-1).reshape(1, 16, 16, 3)
     network_input = to_network_input(images)
     assert network_input[0, 0, 0, 0] == -1
     assert abs(float(network_input.max()) - 1) < 1e-6
-    restored = to_uint8_images(network_input)
-    assert restored.dtype == np.uint8 and restored.shape == images.shape
-    assert np.array_equal(restored, images)
+    restored = to_pixel_values(network_input)
+    assert restored.dtype == np.float32 and restored.shape == images.shape
+    np.testing.assert_allclose(restored, images, atol=1e-4)
 
 
 def test_to_network_input_rejects_wrong_input():
-    with pytest.raises(ValueError):
-        to_network_input(np.zeros((1, 300, 300, 3), dtype=np.float32))
     with pytest.raises(ValueError):
         to_network_input(np.zeros((300, 300, 3), dtype=np.uint8))

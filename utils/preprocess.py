@@ -72,27 +72,57 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def resize_for_network(image: Image.Image, size: tuple[int, int] = INPUT_SIZE) -> np.ndarray:
-    """RGB image -> uint8 [H, W, 3] resized to ``size`` (width, height) with Pillow BILINEAR."""
+    """RGB image -> float32 [H, W, 3] pixel values (0..255) resized to ``size`` (width, height).
+
+    This is the resize of the TF Object Detection API graphs themselves (``ResizeBilinear`` with
+    align_corners=False and half_pixel_centers=False, on float pixels): source coordinate =
+    output index x in_size / out_size, the neighbour below and to the right clamped to the edge, a
+    horizontal then a vertical linear interpolation, in float32. Reproducing it (rather than
+    Pillow's filtered resize) keeps the converted model's detections those of TensorFlow.
+    """
     if image.mode != "RGB":
         image = to_rgb(image)
-    resized = image.resize(tuple(size), Image.Resampling.BILINEAR)
-    return np.array(resized, dtype=np.uint8)
+    pixels = np.asarray(image)
+    in_height, in_width = pixels.shape[:2]
+    width, height = size
+    rows0, rows1, y_lerp = _legacy_taps(in_height, height)
+    cols0, cols1, x_lerp = _legacy_taps(in_width, width)
+    # Work on [rows, width * 3] so that column taps are plain 2-D takes (much faster than 3-D fancy indexing).
+    flat = pixels.reshape(in_height, in_width * 3)
+    channel = np.arange(3)
+    cols0, cols1 = (cols0[:, None] * 3 + channel).ravel(), (cols1[:, None] * 3 + channel).ravel()
+    x_lerp = np.repeat(x_lerp, 3)[None, :]
+    top_rows = flat.take(rows0, axis=0).astype(np.float32)
+    bottom_rows = flat.take(rows1, axis=0).astype(np.float32)
+    top_left, top_right = top_rows.take(cols0, axis=1), top_rows.take(cols1, axis=1)
+    bottom_left, bottom_right = bottom_rows.take(cols0, axis=1), bottom_rows.take(cols1, axis=1)
+    top = top_left + (top_right - top_left) * x_lerp
+    bottom = bottom_left + (bottom_right - bottom_left) * x_lerp
+    return (top + (bottom - top) * y_lerp[:, None]).reshape(height, width, 3)
 
 
-def to_network_input(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1], computed as ``x * float32(2/255) - 1``."""
-    if images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
-        raise ValueError(f"expected uint8 [N, H, W, 3], got {images_uint8.dtype} {list(images_uint8.shape)}")
-    scaled = images_uint8.astype(np.float32) * _SCALE - np.float32(1)
+def _legacy_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (lower, upper) and weights of TF's legacy bilinear resize along one axis."""
+    source = np.arange(out_size, dtype=np.float32) * np.float32(in_size / out_size)
+    lower = np.floor(source).astype(np.int64)
+    upper = np.minimum(lower + 1, in_size - 1)
+    return lower, upper, (source - lower).astype(np.float32)
+
+
+def to_network_input(pixels: np.ndarray) -> np.ndarray:
+    """[N, H, W, 3] pixel values (uint8 or float, 0..255) -> float32 [N, 3, H, W] = x * float32(2/255) - 1."""
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected [N, H, W, 3] pixels, got {list(pixels.shape)}")
+    scaled = pixels.astype(np.float32) * _SCALE - np.float32(1)
     return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
 
 
-def to_uint8_images(network_input: np.ndarray) -> np.ndarray:
-    """Exact inverse of ``to_network_input``: float32 [N, 3, H, W] -> uint8 [N, H, W, 3]."""
+def to_pixel_values(network_input: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_network_input``: float32 [N, 3, H, W] -> float32 [N, H, W, 3] pixel values."""
     if network_input.ndim != 4 or network_input.shape[1] != 3:
         raise ValueError(f"expected [N, 3, H, W], got {list(network_input.shape)}")
-    values = np.rint((network_input.astype(np.float64) + 1) * (255 / 2))
-    return np.ascontiguousarray(np.clip(values, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+    pixels = (network_input.astype(np.float32) + np.float32(1)) / _SCALE
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
 def preprocess(image: Image.Image, size: tuple[int, int] = INPUT_SIZE) -> np.ndarray:

@@ -37,6 +37,7 @@ class SsdGraphNodes:
 
     preprocessed: str          # the Preprocessor output that feeds the feature extractor
     image_input: str           # the original uint8 placeholder (image_tensor)
+    float_input: str           # the Cast of image_tensor to float (ToFloat), fed by the TF backend
     box_concat: str            # [N, A, 1, 4] box encodings
     class_concat: str          # [N, A, C] class logits
     anchor_concat: str         # [A, 4] anchors (ymin, xmin, ymax, xmax), constant
@@ -67,6 +68,9 @@ def find_ssd_nodes(graph_def, path: Path | str = "graph") -> SsdGraphNodes:
     """Locate the SSD landmarks; a graph without them gives one line naming what is missing."""
     nodes = {node.name: node for node in graph_def.node}
     missing = [name for name in ("image_tensor", BOX_CONCAT, CLASS_CONCAT) if name not in nodes]
+    casts = [node.name for node in graph_def.node if node.op == "Cast" and list(node.input) == ["image_tensor"]]
+    if not casts:
+        missing.append("the Cast of image_tensor to float (ToFloat)")
 
     preprocessed = sorted({
         inp.split(":")[0]
@@ -85,7 +89,8 @@ def find_ssd_nodes(graph_def, path: Path | str = "graph") -> SsdGraphNodes:
         missing.append("BoxPredictor_* layers")
     if missing:
         raise UserError(f"'{path}' is not a TF Object Detection API SSD graph: missing {', '.join(missing)}")
-    return SsdGraphNodes(preprocessed=preprocessed[0], image_input="image_tensor", box_concat=BOX_CONCAT,
+    return SsdGraphNodes(preprocessed=preprocessed[0], image_input="image_tensor", float_input=casts[0],
+                         box_concat=BOX_CONCAT,
                          class_concat=CLASS_CONCAT, anchor_concat=anchors[0], box_predictors=predictors)
 
 

@@ -12,7 +12,7 @@ from utils.backends.base import Backend
 from utils.converter import read_spec
 from utils.errors import UserError
 from utils.models import ResolvedModel
-from utils.preprocess import to_uint8_images
+from utils.preprocess import to_pixel_values
 
 OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
@@ -33,6 +33,7 @@ def to_nms_trt_form(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
 @dataclass
 class TensorFlowBackend(Backend):
     session: object = None
+    float_input: str = "ToFloat"
 
     @classmethod
     def for_model(cls, model: ResolvedModel, precision: str, max_batch_size: int,
@@ -40,12 +41,14 @@ class TensorFlowBackend(Backend):
         if precision != "FP32":
             raise UserError(f"the tensorflow backend runs the frozen graph in FP32 only, not {precision}; use -p FP32")
         log(f"Loading TensorFlow frozen graph from {model.graph_path}")
-        graph_def, _, _, spec = read_spec(model)
+        graph_def, _, nodes, spec = read_spec(model)
         session = tf_graph.open_session(graph_def)
         return cls(name="TensorFlow", precision=precision, max_batch_size=max_batch_size,
-                   spec=spec, device="CPU", session=session)
+                   spec=spec, device="CPU", session=session, float_input=nodes.float_input)
 
     def detect(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Fed at the node that casts image_tensor to float: the graph's own resize (to the same size)
+        # is then the identity and everything after it runs as exported.
         outputs = self.session.run([f"{name}:0" for name in OUTPUTS],
-                                   {"image_tensor:0": to_uint8_images(batch)})
+                                   {f"{self.float_input}:0": to_pixel_values(batch)})
         return to_nms_trt_form(*outputs)
