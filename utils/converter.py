@@ -43,7 +43,8 @@ def default_onnx_path(model: ResolvedModel, flavour: str, precision: str) -> Pat
     return model.output_dir / f"{model.name}_{flavour}_{precision}.onnx"
 
 
-def _cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverrides) -> dict:
+def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverrides = NmsOverrides()) -> dict:
+    """Everything a converted graph depends on (compared with the key saved beside it)."""
     stat = model.graph_path.stat()
     config_stat = model.config_path.stat() if model.config_path else None
     return {
@@ -92,7 +93,7 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
     check_options(flavour, precision)
     onnx_path = Path(output) if output else default_onnx_path(model, flavour, precision)
     key_path = onnx_path.with_suffix(".json")
-    key = _cache_key(model, flavour, precision, nms)
+    key = cache_key(model, flavour, precision, nms)
     if not force and onnx_path.exists() and key_path.exists():
         cached = json.loads(key_path.read_text(encoding="utf-8"))
         if cached.get("key") == key:
