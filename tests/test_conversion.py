@@ -154,3 +154,26 @@ def test_our_preprocessing_equals_the_graphs_own(pedestrian_model, shared_dir):
         our_rows = valid_rows(ours[0][0], ours[1][0], 0.3)
         assert our_rows.shape == theirs_rows.shape, path.name
         np.testing.assert_allclose(our_rows, theirs_rows, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_fixture", ["pedestrian_model", "inception_model"])
+def test_core_flavour_plus_numpy_nms_equals_portable(model_fixture, request, shared_dir):
+    """The `core` graph (no NMS inside) + utils.postprocess.multiclass_nms == the portable graph."""
+    import onnxruntime as ort
+
+    from utils.postprocess import multiclass_nms
+
+    model = request.getfixturevalue(model_fixture)
+    core, portable = convert(model, "core"), convert(model, "portable")
+    paths = _photos(shared_dir)[: 16 if model_fixture == "pedestrian_model" else 4]
+    batch = _batch(paths)
+    boxes, scores = ort.InferenceSession(str(core.onnx_path), providers=["CPUExecutionProvider"]).run(
+        ["boxes", "scores"], {"Input": batch})
+    assert boxes.shape == (len(paths), 1917, 4) and scores.shape == (len(paths), 1917, core.spec.num_classes)
+    ours, our_counts = multiclass_nms(boxes, scores, core.spec.nms)
+    theirs, their_counts = ort.InferenceSession(str(portable.onnx_path), providers=["CPUExecutionProvider"]).run(
+        None, {"Input": batch})
+    np.testing.assert_array_equal(our_counts, their_counts)
+    np.testing.assert_array_equal(ours[..., :2], theirs[..., :2])
+    np.testing.assert_allclose(ours[..., 2], theirs[..., 2], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours[..., 3:], theirs[..., 3:], atol=1e-5, rtol=0)

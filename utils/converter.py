@@ -102,7 +102,7 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
     start = time.perf_counter()
     _, core, _, spec = read_spec(model)
     spec = spec.with_nms(**asdict(nms))
-    model_proto = onnx_export.add_portable_postprocessing(onnx_export.convert_core(core, spec), spec)
+    model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec), spec)
     model_proto.producer_name = "uff_ssd successor (tf2onnx + onnx-graphsurgeon)"
     onnx.helper.set_model_props(model_proto, {"source_graph": str(model.graph_path), "flavour": flavour,
                                               "precision": precision, "spec": json.dumps(asdict(spec))})

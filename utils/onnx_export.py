@@ -1,6 +1,7 @@
 """Frozen SSD graph -> ONNX: tf2onnx on the core network, then one onnx-graphsurgeon step per flavour.
 
-Flavour ``portable``: constant anchors and standard ONNX ops (NonMaxSuppression, TopK, ...), run by
+Flavour ``core``: the network, TF_CENTER decoding against constant anchors and sigmoid scores; NMS
+runs outside (utils.postprocess). Flavour ``portable``: constant anchors and standard ONNX ops (NonMaxSuppression, TopK, ...), run by
 ONNX Runtime and by TensorRT's INMSLayer. It reproduces TF's post-processing: TF_CENTER decoding
 with the box-coder scales, sigmoid scores, per-class NMS without background, the union sorted by
 score, boxes clipped to [0, 1] (zero-area ones dropped, as TF's ClipToWindow does), the best
@@ -12,23 +13,22 @@ keepTopK kept. The outputs are those of NMS_TRT:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
 from utils import anchors as anchor_math
 from utils import tf_graph
-from utils.files import atomic_path
 from utils.ssd_spec import SsdSpec
 
 OPSET = 17
-FLAVOURS = ("portable",)
+FLAVOURS = ("portable", "core")
 INPUT = tf_graph.INPUT_NAME
 BOX_ENCODINGS = "box_encodings"
 CLASS_LOGITS = "class_logits"
 DETECTIONS = "detections"
 NUM_DETECTIONS = "num_detections"
+BOXES = "boxes"
+SCORES = "scores"
 
 
 def convert_core(core_graph_def, spec: SsdSpec):
@@ -90,18 +90,46 @@ def _decode_boxes(build: _Builder, box_encodings, spec: SsdSpec):
     return corners  # (ymin, xmin, ymax, xmax)
 
 
-def add_portable_postprocessing(model_proto, spec: SsdSpec):
-    """Attach decoding, sigmoid, per-class NMS and top-k with standard ONNX ops; returns the model."""
+def _decoded_outputs(model_proto, spec: SsdSpec):
+    """Import the core network and add decoding and sigmoid: (graph, builder, boxes [N,A,4], scores [N,A,C])."""
     import onnx_graphsurgeon as gs  # noqa: PLC0415
 
     graph = gs.import_onnx(model_proto)
     tensors = graph.tensors()
     build = _Builder(graph)
-    num_anchors = spec.num_anchors
-    keep_top_k = min(spec.nms.keep_top_k, num_anchors * (spec.num_classes - 1))
-
     boxes = _decode_boxes(build, tensors[BOX_ENCODINGS], spec)                       # [N, A, 4]
     scores = build.op("Sigmoid", [tensors[CLASS_LOGITS]])                            # [N, A, C]
+    return graph, build, boxes, scores
+
+
+def _export(graph, outputs: list, spec: SsdSpec):
+    import onnx_graphsurgeon as gs  # noqa: PLC0415
+
+    graph.outputs = outputs
+    graph.inputs[0].shape = ["N", 3, spec.input_size[1], spec.input_size[0]]
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def add_core_postprocessing(model_proto, spec: SsdSpec):
+    """Flavour ``core``: decoded ``boxes`` [N,A,4] (ymin, xmin, ymax, xmax) and sigmoid ``scores`` [N,A,C].
+
+    No NMS inside (utils.postprocess.multiclass_nms follows), so every TensorRT can build it.
+    """
+    graph, build, boxes, scores = _decoded_outputs(model_proto, spec)
+    boxes = build.op("Identity", [boxes], name=BOXES, dtype=np.float32, shape=["N", spec.num_anchors, 4])
+    scores = build.op("Identity", [scores], name=SCORES, dtype=np.float32,
+                      shape=["N", spec.num_anchors, spec.num_classes])
+    return _export(graph, [boxes, scores], spec)
+
+
+def add_portable_postprocessing(model_proto, spec: SsdSpec):
+    """Attach decoding, sigmoid, per-class NMS and top-k with standard ONNX ops; returns the model."""
+    import onnx_graphsurgeon as gs  # noqa: PLC0415
+
+    graph, build, boxes, scores = _decoded_outputs(model_proto, spec)
+    num_anchors = spec.num_anchors
+    keep_top_k = min(spec.nms.keep_top_k, num_anchors * (spec.num_classes - 1))
     scores = build.op("Slice", [scores, build.const("bg_start", np.array([1], np.int64)),
                                 build.const("bg_end", np.array([spec.num_classes], np.int64)),
                                 build.const("bg_axis", np.array([2], np.int64))])    # [N, A, C-1]
@@ -165,7 +193,7 @@ def add_portable_postprocessing(model_proto, spec: SsdSpec):
                                             build.const("sum_axis", np.array([1], np.int64))],
                               {"keepdims": 0}, name=NUM_DETECTIONS, dtype=np.int32, shape=["N"])
 
-    graph.outputs = [detections, num_detections]
-    graph.inputs[0].shape = ["N", 3, spec.input_size[1], spec.input_size[0]]
-    graph.cleanup().toposort()
-    return gs.export_onnx(graph)
+    return _export(graph, [detections, num_detections], spec)
+
+
+POSTPROCESSING = {"portable": add_portable_postprocessing, "core": add_core_postprocessing}
