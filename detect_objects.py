@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="annotated image to write (one input; default image_inferred.jpg) or folder "
                              "(several inputs; default WORKSPACE/detections)")
     parser.add_argument("--json", type=Path, help="write all detections above the threshold as COCO results JSON")
+    cli.add_flavour_arg(parser)
     cli.add_nms_args(parser)
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     failures = list(inputs.errors)
     coco = []
     with cli.user_errors():
-        check_options("portable", args.precision)
+        check_options(args.flavour or "portable", args.precision)
         model = resolve_model(args.model, args.workspace)
         backend = create_backend(args.backend, model, args.precision, args.max_batch_size,
-                                 cli.nms_overrides(args), cli.log)
+                                 cli.nms_overrides(args), cli.log, args.flavour)
         print("\n".join(backend.settings()) + "\n", flush=True)
         labels = label_map_for(model.labels, backend.spec.num_classes)
         for result in detect_images(backend, inputs.files, args.max_batch_size):
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(inputs.files) > 1:
                 print(f"{result.path}:")
             for row in shown:
-                print(f"Detected {label_name(labels, int(row[1]))} with confidence {row[2] * 100:.0f}%")
+                print(f"Detected {label_name(labels, int(row[1]))} with confidence {int(row[2] * 100)}%")
             target = output_path_for(result.path, args.output, single, args.workspace)
             try:
                 with atomic_path(target) as tmp:

@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.5,
                         help="largest |mAP difference| in AP points that --compare accepts (default 0.5)")
     parser.add_argument("--plot", action="store_true", help="write a PR-curve PNG into the results folder")
+    cli.add_flavour_arg(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be at least 1")
@@ -55,9 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate_backend(name: str, args, model, dataset):
     """Detections of one backend (run or cached) -> (ClassAp list, RunStats, label map, results folder)."""
     folder = ev.results_dir(args.workspace, model.name, name, args.precision)
-    key = ev.run_key(dataset, cache_key(model, "portable", args.precision), name, args.precision)
+    flavour = None if name == "tensorflow" else args.flavour
+    key = ev.run_key(dataset, cache_key(model, flavour or "portable", args.precision), name, args.precision)
     cached = None if args.force else ev.load_cached(folder, dataset.split, key)
-    backend = create_backend(name, model, args.precision, args.batch_size, log=cli.log) if cached is None else None
+    backend = (create_backend(name, model, args.precision, args.batch_size, log=cli.log, flavour=flavour)
+               if cached is None else None)
     if cached is None:
         labels = label_map_for(model.labels, backend.spec.num_classes)
         detections, stats = ev.run_detections(backend, dataset, labels, args.batch_size, args.workers)
@@ -89,7 +92,7 @@ def print_report(name: str, args, model, dataset, results, stats, detectable) ->
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with cli.user_errors():
-        check_options("portable", args.precision)
+        check_options(args.flavour or "portable", args.precision)
         voc_dir = args.voc_dir or default_voc_dir(args.workspace)
         dataset = load_dataset(voc_dir, args.split, args.limit)
         model = resolve_model(args.model, args.workspace)

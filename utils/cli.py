@@ -27,6 +27,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="folder for downloaded models, converted graphs and results (default: %(default)s)")
 
 
+def add_flavour_arg(parser: argparse.ArgumentParser) -> None:
+    from utils.onnx_export import FLAVOURS  # noqa: PLC0415
+
+    parser.add_argument("--flavour", choices=FLAVOURS, default=None,
+                        help="ONNX flavour the converted backends run: portable (standard ONNX ops, the "
+                             "onnxruntime default), trt-plugins (GridAnchor/FlattenConcat/NMS_TRT; onnxruntime "
+                             "runs plugin/'s reference ops), core (no NMS inside; numpy NMS after)")
+
+
 def add_nms_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("NMS (defaults: the graph's / pipeline.config's values)")
     group.add_argument("--score-threshold", type=float, help="confidence below which boxes are dropped before NMS")

@@ -100,9 +100,10 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
             return ConvertedModel(onnx_path, _spec_from_dict(cached["spec"]), built=False, seconds=0.0)
 
     start = time.perf_counter()
-    _, core, _, spec = read_spec(model)
+    _, core, nodes, spec = read_spec(model)
     spec = spec.with_nms(**asdict(nms))
-    model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec), spec)
+    extra = onnx_export.predictor_outputs(nodes.box_predictors) if flavour == "trt-plugins" else []
+    model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec, extra), spec, extra)
     model_proto.producer_name = "uff_ssd successor (tf2onnx + onnx-graphsurgeon)"
     onnx.helper.set_model_props(model_proto, {"source_graph": str(model.graph_path), "flavour": flavour,
                                               "precision": precision, "spec": json.dumps(asdict(spec))})

@@ -21,7 +21,9 @@ from utils import tf_graph
 from utils.ssd_spec import SsdSpec
 
 OPSET = 17
-FLAVOURS = ("portable", "core")
+FLAVOURS = ("portable", "trt-plugins", "core")
+PLUGIN_DOMAIN = "ai.onnx.contrib"   # the only domain ONNX Runtime custom ops (plugin/) can use
+TF_CENTER = 3                       # CodeTypeSSD::TF_CENTER in TensorRT's NvInferPluginUtils.h
 INPUT = tf_graph.INPUT_NAME
 BOX_ENCODINGS = "box_encodings"
 CLASS_LOGITS = "class_logits"
@@ -31,8 +33,14 @@ BOXES = "boxes"
 SCORES = "scores"
 
 
-def convert_core(core_graph_def, spec: SsdSpec):
-    """tf2onnx on the core graph: ``Input`` NCHW float -> ``box_encodings``, ``class_logits``."""
+def predictor_outputs(box_predictors: tuple[str, ...]) -> list[str]:
+    """The per-layer box-encoding then class-logit tensors (NHWC) that FlattenConcat_TRT consumes."""
+    return ([f"{ns}/BoxEncodingPredictor/BiasAdd:0" for ns in box_predictors]
+            + [f"{ns}/ClassPredictor/BiasAdd:0" for ns in box_predictors])
+
+
+def convert_core(core_graph_def, spec: SsdSpec, extra_outputs: list[str] = ()):
+    """tf2onnx on the core graph: ``Input`` NCHW float -> ``box_encodings``, ``class_logits`` (+ extras)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tf2onnx  # noqa: PLC0415  (imports TensorFlow)
 
@@ -40,7 +48,7 @@ def convert_core(core_graph_def, spec: SsdSpec):
     model_proto, _ = tf2onnx.convert.from_graph_def(
         core_graph_def,
         input_names=[f"{INPUT}:0"],
-        output_names=[f"{tf_graph.BOX_CONCAT}:0", f"{tf_graph.CLASS_CONCAT}:0"],
+        output_names=[f"{tf_graph.BOX_CONCAT}:0", f"{tf_graph.CLASS_CONCAT}:0", *extra_outputs],
         opset=OPSET,
         inputs_as_nchw=[f"{INPUT}:0"],
         tensors_to_rename={f"{INPUT}:0": INPUT, f"{tf_graph.BOX_CONCAT}:0": BOX_ENCODINGS,
@@ -111,7 +119,7 @@ def _export(graph, outputs: list, spec: SsdSpec):
     return gs.export_onnx(graph)
 
 
-def add_core_postprocessing(model_proto, spec: SsdSpec):
+def add_core_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[str] = ()):
     """Flavour ``core``: decoded ``boxes`` [N,A,4] (ymin, xmin, ymax, xmax) and sigmoid ``scores`` [N,A,C].
 
     No NMS inside (utils.postprocess.multiclass_nms follows), so every TensorRT can build it.
@@ -123,7 +131,7 @@ def add_core_postprocessing(model_proto, spec: SsdSpec):
     return _export(graph, [boxes, scores], spec)
 
 
-def add_portable_postprocessing(model_proto, spec: SsdSpec):
+def add_portable_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[str] = ()):
     """Attach decoding, sigmoid, per-class NMS and top-k with standard ONNX ops; returns the model."""
     import onnx_graphsurgeon as gs  # noqa: PLC0415
 
@@ -196,4 +204,56 @@ def add_portable_postprocessing(model_proto, spec: SsdSpec):
     return _export(graph, [detections, num_detections], spec)
 
 
-POSTPROCESSING = {"portable": add_portable_postprocessing, "core": add_core_postprocessing}
+def add_trt_plugin_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[str]):
+    """Flavour ``trt-plugins``: the original sample's collapse as TensorRT plugin nodes.
+
+    GridAnchor_TRT -> Concat (priors), FlattenConcat_TRT over the per-layer box encodings and class
+    logits, NMS_TRT (loc, priors, conf; inputOrder [0, 2, 1]). TensorRT's ONNX parser imports unknown
+    ops as plugins (op_type = plugin name, attributes = plugin fields, plugin_version); ONNX Runtime
+    runs them through plugin/'s reference ops.
+    """
+    import onnx_graphsurgeon as gs  # noqa: PLC0415
+
+    graph = gs.import_onnx(model_proto)
+    tensors = graph.tensors()
+    build = _Builder(graph)
+    layers = spec.anchors.num_layers
+    plugin = {"plugin_version": "1", "plugin_namespace": ""}
+    prior_sizes = [h * w * spec.anchors.boxes_per_location(i) * 4
+                   for i, (h, w) in enumerate(spec.anchors.feature_map_shapes)]
+    priors = [gs.Variable(f"GridAnchor_out{i}", np.float32, [2, size, 1]) for i, size in enumerate(prior_sizes)]
+    graph.layer(op="GridAnchor_TRT", name="GridAnchor", domain=PLUGIN_DOMAIN, inputs=[graph.inputs[0]],
+                outputs=priors, attrs={
+                    "minSize": float(spec.anchors.min_scale), "maxSize": float(spec.anchors.max_scale),
+                    "aspectRatios": [float(r) for r in spec.anchors.aspect_ratios],
+                    "featureMapShapes": [int(h) for h, _ in spec.anchors.feature_map_shapes],
+                    "variance": [float(v) for v in spec.variances], "numLayers": int(layers), **plugin})
+    prior_box = build.op("Concat", priors, {"axis": 1}, name="concat_priorbox",
+                         dtype=np.float32, shape=[2, sum(prior_sizes), 1])
+    num_anchors, num_classes = spec.num_anchors, spec.num_classes
+    loc, conf = (gs.Variable(name, np.float32, ["N", size, 1, 1])
+                 for name, size in (("concat_box_loc", num_anchors * 4), ("concat_box_conf", num_anchors * num_classes)))
+    for name, inputs, output in (("concat_box_loc_flatten", extra_outputs[:layers], loc),
+                                 ("concat_box_conf_flatten", extra_outputs[layers:], conf)):
+        graph.layer(op="FlattenConcat_TRT", name=name, domain=PLUGIN_DOMAIN,
+                    inputs=[tensors[tensor] for tensor in inputs],
+                    outputs=[output], attrs={"axis": 1, "ignoreBatch": 0, **plugin})
+    keep_top_k = min(spec.nms.keep_top_k, num_anchors * (num_classes - 1))
+    nms_out = gs.Variable("nms_out", np.float32, ["N", 1, keep_top_k, 7])
+    nms_count = gs.Variable("nms_count", np.int32, ["N", 1, 1, 1])
+    graph.layer(op="NMS_TRT", name="NMS", domain=PLUGIN_DOMAIN, inputs=[loc, prior_box, conf],
+                outputs=[nms_out, nms_count], attrs={
+                    "shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0,
+                    "numClasses": int(num_classes), "topK": int(spec.nms.top_k), "keepTopK": int(keep_top_k),
+                    "confidenceThreshold": float(spec.nms.score_threshold),
+                    "nmsThreshold": float(spec.nms.iou_threshold), "inputOrder": [0, 2, 1], "confSigmoid": 1,
+                    "isNormalized": 1, "codeType": TF_CENTER, **plugin})
+    detections = build.op("Reshape", [nms_out, build.const("det_shape", np.array([0, keep_top_k, 7], np.int64))],
+                          name=DETECTIONS, dtype=np.float32, shape=["N", keep_top_k, 7])
+    num_detections = build.op("Reshape", [nms_count, build.const("count_shape", np.array([-1], np.int64))],
+                              name=NUM_DETECTIONS, dtype=np.int32, shape=["N"])
+    return _export(graph, [detections, num_detections], spec)
+
+
+POSTPROCESSING = {"portable": add_portable_postprocessing, "core": add_core_postprocessing,
+                  "trt-plugins": add_trt_plugin_postprocessing}
