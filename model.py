@@ -12,6 +12,7 @@ from utils import cli
 from utils.converter import PRECISIONS, check_options, convert
 from utils.models import resolve_model
 from utils.onnx_export import FLAVOURS
+from utils.precision import calibration_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,10 +21,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, help="ONNX file to write (default: "
                         "WORKSPACE/models/<model>/<model>_<flavour>_<precision>.onnx)")
     parser.add_argument("--flavour", choices=FLAVOURS, default="portable",
-                        help="portable: standard ONNX ops (NonMaxSuppression); default portable")
+                        help="portable: standard ONNX ops (NonMaxSuppression; default); trt-plugins: "
+                             "GridAnchor_TRT/FlattenConcat_TRT/NMS_TRT nodes; core: no NMS inside")
     parser.add_argument("-p", "--precision", choices=("FP32", "FP16", "INT8"), default="FP32",
                         help=f"available now: {', '.join(PRECISIONS)}")
     parser.add_argument("-f", "--force", action="store_true", help="convert even if a cached ONNX matches")
+    parser.add_argument("--calib-dir", type=Path, help="INT8 calibration JPEGs (default: $VOC_DIR/JPEGImages, "
+                        "else images/)")
     cli.add_nms_args(parser)
     return parser.parse_args(argv)
 
@@ -34,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         check_options(args.flavour, args.precision)
         model = resolve_model(args.model, args.workspace)
         cli.log(f"Converting {model.graph_path} ({args.flavour}, {args.precision})...")
-        converted = convert(model, args.flavour, args.precision, cli.nms_overrides(args), args.output, args.force)
+        calibration = calibration_images(args.calib_dir) if args.precision == "INT8" else None
+        converted = convert(model, args.flavour, args.precision, cli.nms_overrides(args), args.output, args.force,
+                            calibration)
         spec = converted.spec
         state = f"converted in {converted.seconds:.1f} s" if converted.built else "cached, up to date"
         cli.log(f"{spec.num_classes} classes (with background), {spec.num_anchors} anchors on feature maps "

@@ -6,17 +6,19 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import onnx
 
 from utils import onnx_export, tf_graph
+from utils import precision as precision_module
 from utils.errors import UserError
 from utils.files import atomic_path, write_text_atomic
 from utils.models import ResolvedModel
 from utils.ssd_spec import SsdSpec, read_ssd_spec
 
 CONVERTER_VERSION = 1
-PRECISIONS = ("FP32",)
+PRECISIONS = ("FP32", "FP16", "INT8")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ def default_onnx_path(model: ResolvedModel, flavour: str, precision: str) -> Pat
     return model.output_dir / f"{model.name}_{flavour}_{precision}.onnx"
 
 
-def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverrides = NmsOverrides()) -> dict:
+def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverrides = NmsOverrides(),
+              calibration: str | None = None) -> dict:
     """Everything a converted graph depends on (compared with the key saved beside it)."""
     stat = model.graph_path.stat()
     config_stat = model.config_path.stat() if model.config_path else None
@@ -51,7 +54,7 @@ def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverri
         "converter_version": CONVERTER_VERSION,
         "graph": str(model.graph_path.resolve()), "graph_size": stat.st_size, "graph_mtime_ns": stat.st_mtime_ns,
         "config_mtime_ns": config_stat.st_mtime_ns if config_stat else None,
-        "flavour": flavour, "precision": precision, "nms_overrides": asdict(nms),
+        "flavour": flavour, "precision": precision, "nms_overrides": asdict(nms), "calibration": calibration,
     }
 
 
@@ -83,33 +86,49 @@ def check_options(flavour: str, precision: str) -> None:
     if flavour not in onnx_export.FLAVOURS:
         raise UserError(f"flavour '{flavour}' is not available yet; choose one of {', '.join(onnx_export.FLAVOURS)}")
     if precision not in PRECISIONS:
-        raise UserError(f"precision {precision} is not available yet (FP16/INT8 variants come with the TensorRT "
-                        f"path); use -p {' or '.join(PRECISIONS)}")
+        raise UserError(f"unknown precision {precision}; use -p {' or '.join(PRECISIONS)}")
 
 
 def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "FP32",
-            nms: NmsOverrides = NmsOverrides(), output: Path | None = None, force: bool = False) -> ConvertedModel:
-    """Build the ONNX of ``model`` (or reuse the cached one whose key matches)."""
+            nms: NmsOverrides = NmsOverrides(), output: Path | None = None, force: bool = False,
+            calibration_images: Sequence[Path] | None = None) -> ConvertedModel:
+    """Build the ONNX of ``model`` (or reuse the cached one whose key matches).
+
+    FP16 and INT8 are variants of the FP32 graph (utils.precision); INT8 is calibrated on
+    ``calibration_images`` (default: utils.precision.calibration_images()).
+    """
     check_options(flavour, precision)
+    if precision == "INT8" and calibration_images is None:
+        calibration_images = precision_module.calibration_images()
     onnx_path = Path(output) if output else default_onnx_path(model, flavour, precision)
     key_path = onnx_path.with_suffix(".json")
-    key = cache_key(model, flavour, precision, nms)
+    calibration = precision_module.calibration_fingerprint(calibration_images) if precision == "INT8" else None
+    key = cache_key(model, flavour, precision, nms, calibration)
     if not force and onnx_path.exists() and key_path.exists():
         cached = json.loads(key_path.read_text(encoding="utf-8"))
         if cached.get("key") == key:
             return ConvertedModel(onnx_path, _spec_from_dict(cached["spec"]), built=False, seconds=0.0)
 
     start = time.perf_counter()
-    _, core, nodes, spec = read_spec(model)
-    spec = spec.with_nms(**asdict(nms))
-    extra = onnx_export.predictor_outputs(nodes.box_predictors) if flavour == "trt-plugins" else []
-    model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec, extra), spec, extra)
-    model_proto.producer_name = "uff_ssd successor (tf2onnx + onnx-graphsurgeon)"
-    onnx.helper.set_model_props(model_proto, {"source_graph": str(model.graph_path), "flavour": flavour,
-                                              "precision": precision, "spec": json.dumps(asdict(spec))})
     key_path.unlink(missing_ok=True)
-    with atomic_path(onnx_path) as tmp:
-        onnx.save(model_proto, str(tmp))
+    if precision == "FP32":
+        _, core, nodes, spec = read_spec(model)
+        spec = spec.with_nms(**asdict(nms))
+        extra = onnx_export.predictor_outputs(nodes.box_predictors) if flavour == "trt-plugins" else []
+        model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec, extra), spec, extra)
+        model_proto.producer_name = "uff_ssd successor (tf2onnx + onnx-graphsurgeon)"
+        onnx.helper.set_model_props(model_proto, {"source_graph": str(model.graph_path), "flavour": flavour,
+                                                  "spec": json.dumps(asdict(spec))})
+        with atomic_path(onnx_path) as tmp:
+            onnx.save(model_proto, str(tmp))
+    else:
+        base = convert(model, flavour, "FP32", nms, force=force)
+        spec = base.spec
+        if precision == "FP16":
+            with atomic_path(onnx_path) as tmp:
+                onnx.save(precision_module.to_fp16(onnx.load(str(base.onnx_path))), str(tmp))
+        else:
+            precision_module.quantize_int8(base.onnx_path, onnx_path, calibration_images, spec.input_size)
     write_text_atomic(key_path, json.dumps({"key": key, "spec": asdict(spec)}, indent=1))
     return ConvertedModel(onnx_path, spec, built=True, seconds=time.perf_counter() - start)
 

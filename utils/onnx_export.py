@@ -24,6 +24,7 @@ OPSET = 17
 FLAVOURS = ("portable", "trt-plugins", "core")
 PLUGIN_DOMAIN = "ai.onnx.contrib"   # the only domain ONNX Runtime custom ops (plugin/) can use
 TF_CENTER = 3                       # CodeTypeSSD::TF_CENTER in TensorRT's NvInferPluginUtils.h
+POST_PREFIX = "post_"               # names of the nodes added after the network (kept FP32 in variants)
 INPUT = tf_graph.INPUT_NAME
 BOX_ENCODINGS = "box_encodings"
 CLASS_LOGITS = "class_logits"
@@ -73,10 +74,11 @@ class _Builder:
     def op(self, op: str, inputs: list, attrs: dict | None = None, name: str | None = None,
            num_outputs: int = 1, dtype=None, shape=None):
         self.count += 1
-        base = name or f"post_{op.lower()}_{self.count}"
+        base = name or f"{POST_PREFIX}{op.lower()}_{self.count}"
         outputs = [self.gs.Variable(f"{base}_out{i}" if num_outputs > 1 else base, dtype=dtype, shape=shape)
                    for i in range(num_outputs)]
-        self.graph.layer(op=op, name=f"{base}_node", inputs=inputs, outputs=outputs, attrs=attrs or {})
+        self.graph.layer(op=op, name=f"{POST_PREFIX}{base}_node" if name else f"{base}_node", inputs=inputs,
+                         outputs=outputs, attrs=attrs or {})
         return outputs if num_outputs > 1 else outputs[0]
 
 
@@ -222,7 +224,7 @@ def add_trt_plugin_postprocessing(model_proto, spec: SsdSpec, extra_outputs: lis
     prior_sizes = [h * w * spec.anchors.boxes_per_location(i) * 4
                    for i, (h, w) in enumerate(spec.anchors.feature_map_shapes)]
     priors = [gs.Variable(f"GridAnchor_out{i}", np.float32, [2, size, 1]) for i, size in enumerate(prior_sizes)]
-    graph.layer(op="GridAnchor_TRT", name="GridAnchor", domain=PLUGIN_DOMAIN, inputs=[graph.inputs[0]],
+    graph.layer(op="GridAnchor_TRT", name=f"{POST_PREFIX}GridAnchor", domain=PLUGIN_DOMAIN, inputs=[graph.inputs[0]],
                 outputs=priors, attrs={
                     "minSize": float(spec.anchors.min_scale), "maxSize": float(spec.anchors.max_scale),
                     "aspectRatios": [float(r) for r in spec.anchors.aspect_ratios],
@@ -233,15 +235,15 @@ def add_trt_plugin_postprocessing(model_proto, spec: SsdSpec, extra_outputs: lis
     num_anchors, num_classes = spec.num_anchors, spec.num_classes
     loc, conf = (gs.Variable(name, np.float32, ["N", size, 1, 1])
                  for name, size in (("concat_box_loc", num_anchors * 4), ("concat_box_conf", num_anchors * num_classes)))
-    for name, inputs, output in (("concat_box_loc_flatten", extra_outputs[:layers], loc),
-                                 ("concat_box_conf_flatten", extra_outputs[layers:], conf)):
+    for name, inputs, output in ((f"{POST_PREFIX}concat_box_loc", extra_outputs[:layers], loc),
+                                 (f"{POST_PREFIX}concat_box_conf", extra_outputs[layers:], conf)):
         graph.layer(op="FlattenConcat_TRT", name=name, domain=PLUGIN_DOMAIN,
                     inputs=[tensors[tensor] for tensor in inputs],
                     outputs=[output], attrs={"axis": 1, "ignoreBatch": 0, **plugin})
     keep_top_k = min(spec.nms.keep_top_k, num_anchors * (num_classes - 1))
     nms_out = gs.Variable("nms_out", np.float32, ["N", 1, keep_top_k, 7])
     nms_count = gs.Variable("nms_count", np.int32, ["N", 1, 1, 1])
-    graph.layer(op="NMS_TRT", name="NMS", domain=PLUGIN_DOMAIN, inputs=[loc, prior_box, conf],
+    graph.layer(op="NMS_TRT", name=f"{POST_PREFIX}NMS", domain=PLUGIN_DOMAIN, inputs=[loc, prior_box, conf],
                 outputs=[nms_out, nms_count], attrs={
                     "shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0,
                     "numClasses": int(num_classes), "topK": int(spec.nms.top_k), "keepTopK": int(keep_top_k),
