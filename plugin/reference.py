@@ -1,0 +1,105 @@
+"""Numpy reference semantics of TensorRT's GridAnchor_TRT, FlattenConcat_TRT and NMS_TRT plugins.
+
+``attrs`` are the plugins' fields under their TensorRT names (see plugin/README.md). Only the
+configuration that TF Object Detection API SSD graphs use is implemented; other values raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from utils.anchors import grid_anchors
+from utils.postprocess import multiclass_nms, sigmoid
+from utils.ssd_spec import AnchorSpec, NmsSpec, SsdSpec
+
+TF_CENTER = 3   # CodeTypeSSD::TF_CENTER (NvInferPluginUtils.h: CORNER 0, CENTER_SIZE 1, CORNER_SIZE 2)
+NMS_REQUIRED = {"shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0, "codeType": TF_CENTER,
+                "isNormalized": 1}
+
+
+def grid_anchor_fields(spec: SsdSpec) -> dict:
+    """GridAnchor_TRT's fields for a spec (square feature maps, TF's reduced lowest layer)."""
+    anchors = spec.anchors
+    if not anchors.reduce_boxes_in_lowest_layer or anchors.interpolated_scale_aspect_ratio != 1.0:
+        raise ValueError("GridAnchor_TRT always reduces the lowest layer and adds one interpolated box of ratio 1")
+    if any(h != w for h, w in anchors.feature_map_shapes):
+        raise ValueError(f"GridAnchor_TRT needs square feature maps, not {anchors.feature_map_shapes}")
+    return {"minSize": anchors.min_scale, "maxSize": anchors.max_scale, "aspectRatios": list(anchors.aspect_ratios),
+            "featureMapShapes": [h for h, _ in anchors.feature_map_shapes], "variance": list(spec.variances),
+            "numLayers": anchors.num_layers}
+
+
+def nms_fields(spec: SsdSpec) -> dict:
+    """NMS_TRT's fields for a spec, inputs in the order (loc, priors, conf)."""
+    return {**NMS_REQUIRED, "numClasses": spec.num_classes, "topK": spec.nms.top_k, "keepTopK": spec.nms.keep_top_k,
+            "confidenceThreshold": spec.nms.score_threshold, "nmsThreshold": spec.nms.iou_threshold,
+            "inputOrder": [0, 2, 1], "confSigmoid": 1}
+
+
+def anchor_spec(attrs: Mapping) -> AnchorSpec:
+    """The AnchorSpec that GridAnchor_TRT's fields describe."""
+    sizes = [int(size) for size in attrs["featureMapShapes"]]
+    if int(attrs["numLayers"]) != len(sizes):
+        raise ValueError(f"numLayers {attrs['numLayers']} but {len(sizes)} featureMapShapes")
+    return AnchorSpec(min_scale=float(attrs["minSize"]), max_scale=float(attrs["maxSize"]),
+                      aspect_ratios=tuple(float(r) for r in attrs["aspectRatios"]),
+                      reduce_boxes_in_lowest_layer=True, interpolated_scale_aspect_ratio=1.0,
+                      feature_map_shapes=tuple((size, size) for size in sizes))
+
+
+def grid_anchor(attrs: Mapping) -> list[np.ndarray]:
+    """GridAnchor_TRT: per layer float32 [2, H*W*K*4, 1]: each anchor's (xmin, ymin, xmax, ymax), then variances."""
+    spec = anchor_spec(attrs)
+    variance = np.asarray(attrs["variance"], np.float32)
+    if variance.shape != (4,):
+        raise ValueError(f"variance needs 4 values, not {variance.tolist()}")
+    counts = [h * w * spec.boxes_per_location(i) for i, (h, w) in enumerate(spec.feature_map_shapes)]
+    layers = np.split(grid_anchors(spec)[:, [1, 0, 3, 2]], np.cumsum(counts)[:-1])
+    return [np.stack([layer.reshape(-1), np.tile(variance, len(layer))])[..., None] for layer in layers]
+
+
+def flatten_concat(inputs: Sequence[np.ndarray], axis: int = 1, ignore_batch: int = 0) -> np.ndarray:
+    """FlattenConcat_TRT: each input flattened per batch item (memory order), concatenated -> [N, C, 1, 1]."""
+    if axis != 1 or ignore_batch:
+        raise ValueError(f"FlattenConcat_TRT supports axis=1, ignoreBatch=0 only (got {axis}, {ignore_batch})")
+    return np.concatenate([np.reshape(x, (x.shape[0], -1)) for x in inputs], axis=1)[:, :, None, None]
+
+
+def decode_tf_center(loc: np.ndarray, priors: np.ndarray) -> np.ndarray:
+    """NMS_TRT's TF_CENTER decoding: loc (ty, tx, th, tw) per prior -> [N, A, 4] (ymin, xmin, ymax, xmax), unclipped.
+
+    As the plugin's kernel: center = prior center + t * variance * prior size, size = exp(t * variance) * prior size.
+    """
+    corners, variance = np.asarray(priors, np.float32).reshape(2, -1, 4)     # x-first, variances (x, y, w, h)
+    codes = np.asarray(loc, np.float32).reshape(len(loc), -1, 4)[..., [1, 0, 3, 2]]   # (tx, ty, tw, th)
+    sizes = corners[:, 2:] - corners[:, :2]
+    centers = (corners[:, :2] + corners[:, 2:]) / 2
+    box_centers = variance[:, :2] * codes[..., :2] * sizes + centers
+    half = np.exp(variance[:, 2:] * codes[..., 2:]) * sizes / 2
+    return np.concatenate([box_centers - half, box_centers + half], axis=-1)[..., [1, 0, 3, 2]].astype(np.float32)
+
+
+def nms_trt(loc: np.ndarray, priors: np.ndarray, conf: np.ndarray, attrs: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """NMS_TRT on loc [N, A*4, 1, 1], priors [2, A*4, 1], conf [N, A*C, 1, 1].
+
+    Returns nms_out float32 [N, 1, keepTopK, 7] (image_id, label, confidence, xmin, ymin, xmax, ymax),
+    padded with (image_id, -1, 0, 0, 0, 0, 0), and nms_count int32 [N, 1, 1, 1].
+    """
+    unsupported = {name: attrs[name] for name, value in NMS_REQUIRED.items() if int(attrs[name]) != value}
+    if unsupported:
+        raise ValueError(f"NMS_TRT reference implements {NMS_REQUIRED} only, not {unsupported}")
+    count, keep_top_k = len(loc), int(attrs["keepTopK"])
+    scores = np.asarray(conf, np.float32).reshape(count, -1, int(attrs["numClasses"]))
+    if int(attrs["confSigmoid"]):
+        scores = sigmoid(scores)
+    nms = NmsSpec(score_threshold=float(attrs["confidenceThreshold"]), iou_threshold=float(attrs["nmsThreshold"]),
+                  top_k=int(attrs["topK"]), keep_top_k=keep_top_k)
+    detections, counts = multiclass_nms(decode_tf_center(loc, priors), scores, nms, max_candidates=nms.top_k,
+                                        clip_before_nms=True)
+    nms_out = np.zeros((count, 1, keep_top_k, 7), np.float32)
+    nms_out[..., 0] = np.arange(count)[:, None, None]
+    nms_out[..., 1] = -1
+    nms_out[:, 0, :detections.shape[1]] = detections
+    return nms_out, counts.astype(np.int32).reshape(count, 1, 1, 1)
