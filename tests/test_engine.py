@@ -1,0 +1,325 @@
+"""utils/engine.py through the TensorRT 10/11 double, and real CPU-only builds with tensorrt_rtx."""
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.trt_double import MAGIC, make_trt
+from utils.engine import (EngineSettings, TrtFlavor, build_engine, engine_path, entropy_calibrator, import_trt,
+                          load_or_build_engine, sidecar_path)
+from utils.errors import UserError
+
+IMAGES = Path(__file__).resolve().parents[1] / "images"
+
+
+def small_onnx(path: Path) -> Path:
+    """A one-conv network with the SSD input name, built with onnx.helper."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.random.default_rng(0).random((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["Input", "w"], ["conv"], name="conv0", pads=[1, 1, 1, 1]),
+         helper.make_node("Sigmoid", ["conv"], ["scores"], name="sigmoid0")],
+        "small", [helper.make_tensor_value_info("Input", TensorProto.FLOAT, ["N", 3, 300, 300])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4, 300, 300])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def onnx_file(tmp_path):
+    return small_onnx(tmp_path / "small.onnx")
+
+
+# --- the double: TensorRT 10 and 11 -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("major", [10, 11])
+def test_build_sets_profile_workspace_and_timing_cache(major, onnx_file, tmp_path):
+    trt, state = make_trt(major)
+    cache = tmp_path / "timing.cache"
+    data = build_engine(trt, onnx_file, EngineSettings(max_batch_size=8, workspace_mb=256), timing_cache_path=cache)
+    assert data.startswith(MAGIC)
+    assert ("IOptimizationProfile.set_shape", ("Input", (1, 3, 300, 300), (8, 3, 300, 300), (8, 3, 300, 300))) \
+        in state.calls
+    assert ("IBuilderConfig.set_memory_pool_limit", (trt.MemoryPoolType.WORKSPACE, 256 << 20)) in state.calls
+    assert cache.read_bytes() == b"timing:+"
+    build_engine(trt, onnx_file, EngineSettings(), timing_cache_path=cache)
+    assert ("IBuilderConfig.create_timing_cache", (b"timing:+",)) in state.calls
+    assert cache.read_bytes() == b"timing:++"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("precision", ["FP32", "FP16", "INT8"])
+def test_trt10_precision_flags_and_calibrator(precision, onnx_file):
+    trt, state = make_trt(10)
+    calibrator = _FakeCalibrator() if precision == "INT8" else None
+    build_engine(trt, onnx_file, EngineSettings(precision=precision), calibrator)
+    flags = [args[0] for name, args in state.calls if name == "IBuilderConfig.set_flag"]
+    expected = {"FP32": [], "FP16": [trt.BuilderFlag.FP16], "INT8": [trt.BuilderFlag.FP16, trt.BuilderFlag.INT8]}
+    assert flags == expected[precision]
+    assert ("Builder.create_network", (0,)) in state.calls
+    built = [args for name, args in state.calls if name == "Builder.build_serialized_network"]
+    assert built[0][1] is calibrator
+    assert calibrator is None or calibrator.batches == 1
+
+
+def test_trt10_int8_without_calibrator_is_a_user_error(onnx_file):
+    trt, _ = make_trt(10)
+    with pytest.raises(UserError, match="calibration images"):
+        build_engine(trt, onnx_file, EngineSettings(precision="INT8"))
+
+
+@pytest.mark.parametrize("precision", ["FP32", "FP16", "INT8"])
+def test_trt11_is_strongly_typed_without_flags(precision, onnx_file):
+    trt, state = make_trt(11)
+    assert not hasattr(trt, "IInt8EntropyCalibrator2") and not hasattr(trt, "BuilderFlag")
+    build_engine(trt, onnx_file, EngineSettings(precision=precision))
+    assert ("Builder.create_network", (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED),)) in state.calls
+    assert "IBuilderConfig.set_flag" not in state.names()
+    assert EngineSettings(precision=precision).onnx_precision(TrtFlavor.of(trt)) == precision
+
+
+def test_double_refuses_undocumented_names():
+    trt, _ = make_trt(11)
+    config = trt.Builder(None).create_builder_config()
+    with pytest.raises(AttributeError):
+        config.int8_calibrator = object()
+    with pytest.raises(AttributeError):
+        trt.ComputeCapability  # noqa: B018
+
+
+def test_parser_error_is_one_line_naming_the_node(onnx_file):
+    trt, state = make_trt(10)
+    state.parse_errors = [("GridAnchor", "GridAnchor_TRT", "No importer registered for op:\n GridAnchor_TRT")]
+    with pytest.raises(UserError) as info:
+        build_engine(trt, onnx_file, EngineSettings(flavour="trt-plugins"))
+    message = str(info.value)
+    assert "\n" not in message and "GridAnchor_TRT node 'GridAnchor'" in message and "--flavour core" in message
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_build_failure_names_layer_and_op(raises, onnx_file):
+    trt, state = make_trt(11)
+    error = "[tacticSupply.cpp::48] Error Code 2: Internal Error (conv0_12 has no runners that implement it)"
+    if raises:
+        state.build_raises = error
+    else:
+        state.build_errors = [error]
+    with pytest.raises(UserError) as info:
+        build_engine(trt, onnx_file, EngineSettings(flavour="portable"))
+    message = str(info.value)
+    assert "\n" not in message and "ONNX Conv node 'conv0'" in message and "--flavour core" in message
+
+
+def test_unknown_precision_and_module():
+    trt, _ = make_trt(10)
+    with pytest.raises(UserError, match="unknown precision"):
+        build_engine(trt, Path("x.onnx"), EngineSettings(precision="FP8"))
+    with pytest.raises(UserError, match="pip install"):
+        import_trt("no_such_tensorrt_module")
+
+
+class _FakeCalibrator:
+    def __init__(self):
+        self.batches = 0
+
+    def get_batch(self, names):
+        self.batches += 1
+        return None
+
+
+# --- engine cache ----------------------------------------------------------------------------
+
+
+def _load(trt, onnx_file, tmp_path, settings=EngineSettings(), messages=None, **kwargs):
+    path = engine_path(tmp_path / "engines", settings.precision, settings.max_batch_size)
+    return load_or_build_engine(trt, onnx_file, settings, path, log=[].append if messages is None else messages.append, **kwargs)
+
+
+def test_cache_hit_miss_and_sidecar(onnx_file, tmp_path):
+    trt, state = make_trt(10)
+    first = _load(trt, onnx_file, tmp_path, EngineSettings(max_batch_size=4))
+    assert first.built and first.path.name == "engine_bs_4.buf" and first.path.parent.name == "FLOAT"
+    record = json.loads(sidecar_path(first.path).read_text())
+    assert record["key"]["trt_module"] == "tensorrt" and record["key"]["target"] == "no GPU"
+    assert record["size"] == len(first.data)
+    again = _load(trt, onnx_file, tmp_path, EngineSettings(max_batch_size=4), runtime=trt.Runtime(None))
+    assert not again.built and again.data == first.data and again.engine is not None
+    assert state.names().count("Builder.build_serialized_network") == 1
+    half = _load(trt, onnx_file, tmp_path, EngineSettings(precision="FP16", max_batch_size=4))
+    assert half.built and half.path.parent.name == "HALF"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "sidecar", "options", "onnx"])
+def test_cache_rebuilds_when_damaged_or_changed(damage, onnx_file, tmp_path):
+    trt, state = make_trt(11)
+    first = _load(trt, onnx_file, tmp_path)
+    if damage == "truncate":
+        first.path.write_bytes(first.data[:10])
+    elif damage == "garbage":   # same size, so only the sha256 tells
+        first.path.write_bytes(b"x" * len(first.data))
+    elif damage == "sidecar":
+        sidecar_path(first.path).write_text("{")
+    elif damage == "onnx":
+        onnx_file.write_bytes(onnx_file.read_bytes() + b" ")
+    settings = EngineSettings(workspace_mb=512) if damage == "options" else EngineSettings()
+    messages = []
+    again = _load(trt, onnx_file, tmp_path, settings, messages)
+    assert again.built and again.path.read_bytes().startswith(MAGIC)
+    assert len(messages) == 1 and messages[0].startswith("Rebuilding TensorRT engine")
+
+
+def test_cache_rebuilds_when_engine_does_not_deserialize(onnx_file, tmp_path):
+    trt, _ = make_trt(11)
+    first = _load(trt, onnx_file, tmp_path)
+    broken = MAGIC + b"{not json"
+    first.path.write_bytes(broken)
+    record = json.loads(sidecar_path(first.path).read_text())
+    import hashlib
+
+    record.update(size=len(broken), sha256=hashlib.sha256(broken).hexdigest())
+    sidecar_path(first.path).write_text(json.dumps(record))
+    messages = []
+    again = _load(trt, onnx_file, tmp_path, messages=messages, runtime=trt.Runtime(None))
+    assert again.built and again.engine is not None and "does not deserialize" in messages[0]
+
+
+def test_failed_build_leaves_no_files(onnx_file, tmp_path):
+    trt, state = make_trt(11)
+    state.build_errors = ["layer conv0 failed"]
+    with pytest.raises(UserError):
+        _load(trt, onnx_file, tmp_path)
+    assert not [p for p in (tmp_path / "engines").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+def _slow_build_in_child(onnx_file, root, result):
+    trt, state = make_trt(11)
+    original = trt.Builder.build_serialized_network
+
+    def slow(self, network, config):
+        time.sleep(0.5)
+        return original(self, network, config)
+
+    trt.Builder.build_serialized_network = slow
+    engine = _load(trt, Path(onnx_file), Path(root))
+    result.put(engine.built)
+
+
+def test_two_processes_build_once(onnx_file, tmp_path):
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    workers = [context.Process(target=_slow_build_in_child, args=(onnx_file, tmp_path, result)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert sorted(result.get(timeout=5) for _ in workers) == [False, True]
+
+
+def test_entropy_calibrator_feeds_batches_and_caches(tmp_path):
+    trt, state = make_trt(10)
+    cudart = _FakeCudart()
+    cache = tmp_path / "INT8" / "calibration.cache"
+    images = sorted(IMAGES.glob("*.jpg"))[:3]
+    calibrator = entropy_calibrator(trt, images, 2, (300, 300), cache, cudart)
+    assert isinstance(calibrator, trt.IInt8EntropyCalibrator2) and calibrator.get_batch_size() == 2
+    assert calibrator.read_calibration_cache() is None
+    assert calibrator.get_batch(["Input"]) == [1000]
+    assert calibrator.get_batch(["Input"]) == [1000]
+    assert calibrator.get_batch(["Input"]) is None
+    assert cudart.mallocs == [2 * 3 * 300 * 300 * 4] and len(cudart.copies) == 2
+    calibrator.write_calibration_cache(b"scales")
+    assert calibrator.read_calibration_cache() == b"scales"
+
+
+def test_entropy_calibrator_refused_when_strongly_typed(tmp_path):
+    trt, _ = make_trt(11)
+    with pytest.raises(UserError, match="strongly typed"):
+        entropy_calibrator(trt, [], 1, (300, 300), tmp_path / "c", _FakeCudart())
+
+
+class _FakeCudart:
+    """cudaMalloc / cudaMemcpy as cuda-python returns them: (error, value) tuples."""
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice = 1
+
+    def __init__(self):
+        self.mallocs, self.copies = [], []
+
+    def cudaMalloc(self, size):  # noqa: N802
+        self.mallocs.append(size)
+        return 0, 1000
+
+    def cudaMemcpy(self, dst, src, count, kind):  # noqa: N802
+        self.copies.append((dst, count, kind))
+        return (0,)
+
+
+def test_tensorrt_backend_without_gpu_is_a_user_error(pedestrian_model):
+    pytest.importorskip("tensorrt_rtx")
+    from utils.backends import create_backend
+
+    with pytest.raises(UserError, match="no CUDA GPU.*--backend onnxruntime"):
+        create_backend("tensorrt", pedestrian_model)
+
+
+# --- real builds with tensorrt_rtx on this CPU-only machine ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rtx():
+    return pytest.importorskip("tensorrt_rtx")
+
+
+@pytest.fixture(scope="session")
+def engines_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("engines")
+
+
+def _core_available(precision: str) -> None:
+    from utils import converter, onnx_export
+
+    if "core" not in onnx_export.FLAVOURS:
+        pytest.skip("the core flavour is not in utils.onnx_export yet")
+    if precision not in converter.PRECISIONS:
+        pytest.skip(f"the converter does not make {precision} variants yet")
+
+
+@pytest.mark.parametrize("precision", ["FP32", "FP16"])
+@pytest.mark.parametrize("model_fixture", ["pedestrian_model", "inception_model"])
+def test_real_rtx_build_of_core_flavour(model_fixture, precision, rtx, engines_dir, request):
+    _core_available(precision)
+    from utils.converter import convert
+
+    model = request.getfixturevalue(model_fixture)
+    converted = convert(model, "core", precision)
+    settings = EngineSettings(precision=precision, max_batch_size=8, flavour="core")
+    path = engine_path(engines_dir / model.name / "core", precision, 8)
+    messages = []
+    first = load_or_build_engine(rtx, converted.onnx_path, settings, path, log=messages.append)
+    assert first.built and len(first.data) > 100_000
+    again = load_or_build_engine(rtx, converted.onnx_path, settings, path, log=messages.append)
+    assert not again.built and again.data == first.data
+    assert json.loads(sidecar_path(path).read_text())["key"]["target"] == "compute capability SM86"
+
+
+def test_real_rtx_portable_flavour_fails_naming_nms(rtx, pedestrian_onnx):
+    with pytest.raises(UserError) as info:
+        build_engine(rtx, pedestrian_onnx.onnx_path, EngineSettings(max_batch_size=2, flavour="portable"))
+    message = str(info.value)
+    assert "\n" not in message and "NonMaxSuppression" in message and "--flavour core" in message
+
+
+def test_real_rtx_small_network_and_bad_compute_capability(rtx, onnx_file):
+    assert build_engine(rtx, onnx_file, EngineSettings(max_batch_size=2, compute_capability="SM75"))
+    with pytest.raises(UserError, match="unknown compute capability SM90"):
+        build_engine(rtx, onnx_file, EngineSettings(compute_capability="SM90"))
