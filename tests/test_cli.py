@@ -201,14 +201,15 @@ def test_model_errors(pedestrian, not_ssd_graph, tmp_path):
     ws = tmp_path / "ws"
     (tmp_path / "random.pb").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
     (tmp_path / "text.pb").write_text("frozen_inference_graph, honestly\n" * 20)
+    (tmp_path / "empty").mkdir()
     cases = [
         (["-m", "random.pb"], "is not a TensorFlow GraphDef"),
         (["-m", "text.pb"], "is not a TensorFlow GraphDef"),
         (["-m", not_ssd_graph.name], "is not a TF Object Detection API SSD graph: missing image_tensor"),
         (["-m", "no_such_model"], "unknown model 'no_such_model'"),
-        # The real graph (as a .pb path, so that nothing is downloaded into ws) at a precision not offered yet.
-        (["-m", pedestrian.onnx_path.parent / "frozen_inference_graph.pb", "-p", "FP16"],
-         "precision FP16 is not available yet"),
+        # The real graph (as a .pb path, so that nothing is downloaded into ws), INT8 without calibration images.
+        (["-m", pedestrian.onnx_path.parent / "frozen_inference_graph.pb", "-p", "INT8", "--calib-dir", "empty"],
+         "no calibration images (*.jpg) in empty"),
     ]
     for args, message in cases:
         result = run(MODEL, *args, "-w", ws, cwd=tmp_path)

@@ -26,16 +26,17 @@ REPO_IMAGES = Path(__file__).resolve().parents[1] / "images"
 
 
 def calibration_images(folder: Path | None = None, count: int = CALIBRATION_IMAGES) -> list[Path]:
-    """The first ``count`` JPEGs of ``folder``, else of $VOC_DIR/JPEGImages, else of the sample images."""
+    """The first ``count`` JPEGs of ``folder`` if given, else of $VOC_DIR/JPEGImages, else of images/."""
     import os  # noqa: PLC0415
 
     voc = os.environ.get("VOC_DIR")
-    for candidate in (folder, Path(voc) / "JPEGImages" if voc else None, REPO_IMAGES):
+    candidates = [folder] if folder is not None else [Path(voc) / "JPEGImages" if voc else None, REPO_IMAGES]
+    for candidate in candidates:
         if candidate is not None and Path(candidate).is_dir():
             found = sorted(p for p in Path(candidate).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
             if found:
                 return found[:count]
-    raise UserError(f"no calibration images found in {folder}; give --calib-dir with JPEG files")
+    raise UserError(f"no calibration images (*.jpg) in {folder or REPO_IMAGES}; give --calib-dir with JPEG files")
 
 
 def _kept_fp32(model: onnx.ModelProto) -> list[str]:
@@ -46,9 +47,25 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """The network in FP16, FP32 at the edges and in the post-processing."""
     from onnxconverter_common import float16  # noqa: PLC0415
 
-    return float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=_kept_fp32(model),
-                                            op_block_list=["NonMaxSuppression", "TopK", "ScatterND", "GatherND",
-                                                           "Range", "ConstantOfShape", "Resize"])
+    converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=_kept_fp32(model),
+                                                 op_block_list=["NonMaxSuppression", "TopK", "ScatterND", "GatherND",
+                                                                "Range", "ConstantOfShape", "Resize"])
+    _outputs_to_fp32(converted)
+    return converted
+
+
+def _outputs_to_fp32(model: onnx.ModelProto) -> None:
+    """Graph outputs the converter left FP16 get a Cast back to FP32 (the contract's types)."""
+    for output in model.graph.output:
+        if output.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        inner = f"{output.name}_fp16"
+        for node in model.graph.node:
+            node.output[:] = [inner if name == output.name else name for name in node.output]
+            node.input[:] = [inner if name == output.name else name for name in node.input]
+        model.graph.node.append(onnx.helper.make_node("Cast", [inner], [output.name], to=onnx.TensorProto.FLOAT,
+                                                      name=f"{POST_PREFIX}{output.name}_to_fp32"))
+        output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
 
 
 class _ImageReader:
@@ -89,4 +106,5 @@ def quantize_int8(fp32_path: Path, output_path: Path, calibration_images: Sequen
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Entropy,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QuantizeBias": False})  # TensorRT reads FP32 biases beside Q/DQ weights

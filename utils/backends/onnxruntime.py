@@ -2,6 +2,11 @@
 
 ``portable`` runs as is; ``trt-plugins`` runs with plugin/'s reference ops registered;
 ``core`` is followed by the numpy NMS of utils.postprocess.
+
+Runs go through I/O binding with input and output buffers allocated once per batch size on the
+session's device. On CUDA, ``cuda_graph=True`` captures a CUDA graph (ONNX Runtime's
+enable_cuda_graph): batches are then padded to max_batch_size so that the shapes and addresses
+never change.
 """
 
 from __future__ import annotations
@@ -32,32 +37,94 @@ def session_options(flavour: str) -> ort.SessionOptions:
     return options
 
 
+def cuda_provider_options(cuda_graph: bool = False, prefer_nhwc: bool = False) -> dict[str, str]:
+    return {"enable_cuda_graph": "1" if cuda_graph else "0", "prefer_nhwc": "1" if prefer_nhwc else "0",
+            "cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "1"}
+
+
+class BoundRunner:
+    """One batch size: device buffers for the input and every output, bound once."""
+
+    def __init__(self, session: ort.InferenceSession, device: str, input_shape: list[int],
+                 outputs: dict[str, tuple[list[int], type]]):
+        self.session = session
+        self.staging = np.zeros(input_shape, np.float32)
+        self.input = ort.OrtValue.ortvalue_from_shape_and_type(input_shape, np.float32, device, 0)
+        self.outputs = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+                        for name, (shape, dtype) in outputs.items()}
+        self.binding = session.io_binding()
+        self.binding.bind_ortvalue_input(INPUT, self.input)
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Outputs for ``batch`` (at most the bound size; padded with zeros), as host arrays."""
+        count = len(batch)
+        self.staging[:count] = batch
+        self.staging[count:] = 0
+        self.input.update_inplace(self.staging)
+        self.session.run_with_iobinding(self.binding)
+        return [value.numpy()[:count] for value in self.outputs.values()]
+
+
 @dataclass
 class OnnxRuntimeBackend(Backend):
     session: ort.InferenceSession = None
     flavour: str = "portable"
+    cuda_graph: bool = False
+    runners: dict = None
 
     @classmethod
     def for_model(cls, model: ResolvedModel, precision: str, max_batch_size: int, nms: NmsOverrides,
-                  log: Callable[[str], None], flavour: str = "portable") -> "OnnxRuntimeBackend":
+                  log: Callable[[str], None], flavour: str = "portable", cuda_graph: bool = False,
+                  prefer_nhwc: bool = False) -> "OnnxRuntimeBackend":
         converted = convert(model, flavour, precision, nms)
         if converted.built:
             log(f"Converted {model.graph_path} to {converted.onnx_path} in {converted.seconds:.1f} s")
         else:
             log(f"Loading cached ONNX model from {converted.onnx_path}")
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in ort.get_available_providers()]
-        session = ort.InferenceSession(str(converted.onnx_path), session_options(flavour), providers=providers)
+        return cls.from_onnx(str(converted.onnx_path), converted.spec, precision, max_batch_size, flavour,
+                             cuda_graph=cuda_graph, prefer_nhwc=prefer_nhwc)
+
+    @classmethod
+    def from_onnx(cls, onnx_path: str, spec, precision: str, max_batch_size: int, flavour: str,
+                  cuda_graph: bool = False, prefer_nhwc: bool = False) -> "OnnxRuntimeBackend":
+        """A session on an ONNX file (CUDA when ONNX Runtime has it, else CPU)."""
+        on_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = ([("CUDAExecutionProvider", cuda_provider_options(cuda_graph, prefer_nhwc))] if on_cuda else []
+                     ) + ["CPUExecutionProvider"]
+        if flavour == "trt-plugins":
+            from plugin.ort_ops import inference_session  # noqa: PLC0415  (list fields as ORT can read them)
+
+            session = inference_session(onnx_path, providers, session_options(flavour))
+        else:
+            session = ort.InferenceSession(onnx_path, session_options(flavour), providers=providers)
         device = "CUDA" if session.get_providers()[0] == "CUDAExecutionProvider" else "CPU"
-        return cls(name="ONNX Runtime", precision=precision, max_batch_size=max_batch_size,
-                   spec=converted.spec, device=device, session=session, flavour=flavour)
+        return cls(name="ONNX Runtime", precision=precision, max_batch_size=max_batch_size, spec=spec,
+                   device=device, session=session, flavour=flavour, cuda_graph=cuda_graph and device == "CUDA",
+                   runners={})
+
+    def _outputs(self, count: int) -> dict[str, tuple[list[int], type]]:
+        anchors, classes = self.spec.num_anchors, self.spec.num_classes
+        if self.flavour == "core":
+            return {BOXES: ([count, anchors, 4], np.float32), SCORES: ([count, anchors, classes], np.float32)}
+        keep = min(self.spec.nms.keep_top_k, anchors * (classes - 1))
+        return {DETECTIONS: ([count, keep, 7], np.float32), NUM_DETECTIONS: ([count], np.int32)}
+
+    def run_network(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The ONNX graph's outputs for one batch (the engine alone, for benchmarks)."""
+        size = self.max_batch_size if self.cuda_graph else len(batch)
+        if size not in self.runners:
+            width, height = self.spec.input_size
+            self.runners[size] = BoundRunner(self.session, self.device.lower(), [size, 3, height, width],
+                                             self._outputs(size))
+        return self.runners[size].run(batch)
 
     def detect(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        feed = {INPUT: np.ascontiguousarray(batch, dtype=np.float32)}
+        outputs = self.run_network(batch)
         if self.flavour == "core":
-            boxes, scores = self.session.run([BOXES, SCORES], feed)
-            return multiclass_nms(boxes, scores, self.spec.nms)
-        detections, num_detections = self.session.run([DETECTIONS, NUM_DETECTIONS], feed)
+            return multiclass_nms(*outputs, self.spec.nms)
+        detections, num_detections = outputs
         return detections, num_detections
 
     def settings(self) -> list[str]:
