@@ -323,3 +323,11 @@ def test_real_rtx_small_network_and_bad_compute_capability(rtx, onnx_file):
     assert build_engine(rtx, onnx_file, EngineSettings(max_batch_size=2, compute_capability="SM75"))
     with pytest.raises(UserError, match="unknown compute capability SM90"):
         build_engine(rtx, onnx_file, EngineSettings(compute_capability="SM90"))
+
+
+def test_default_flavour_follows_the_tensorrt_module():
+    """trt-plugins up to TRT 10, portable for TRT 11 (no NMS_TRT there), core for TensorRT-RTX (no NMS)."""
+    assert TrtFlavor.of(make_trt(10)[0]).default_flavour == "trt-plugins"
+    assert TrtFlavor.of(make_trt(11)[0]).default_flavour == "portable"
+    rtx = pytest.importorskip("tensorrt_rtx")
+    assert TrtFlavor.of(rtx).default_flavour == "core"

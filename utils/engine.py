@@ -89,6 +89,14 @@ class TrtFlavor:
         return not self.is_rtx
 
     @property
+    def default_flavour(self) -> str:
+        """The ONNX flavour this TensorRT builds best: the original's plugins up to TRT 10, standard
+        ops in TRT 11 (NMS_TRT is gone there), no NMS inside for TensorRT-RTX (it cannot build NMS)."""
+        if self.is_rtx:
+            return "core"
+        return "trt-plugins" if self.major <= 10 else "portable"
+
+    @property
     def label(self) -> str:
         return f"{self.module} {self.version}"
 

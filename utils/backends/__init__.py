@@ -46,7 +46,7 @@ def create_backend(kind: str, model: ResolvedModel, precision: str = "FP32", max
     if kind == "tensorrt":
         from utils.backends.tensorrt import TensorRTBackend  # noqa: PLC0415
 
-        return TensorRTBackend.for_model(model, precision, max_batch_size, nms, log)
+        return TensorRTBackend.for_model(model, precision, max_batch_size, nms, log, flavour)
     if kind == "onnxruntime":
         from utils.backends.onnxruntime import OnnxRuntimeBackend  # noqa: PLC0415
 

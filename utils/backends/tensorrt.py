@@ -87,7 +87,7 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def for_model(cls, model: ResolvedModel, precision: str, max_batch_size: int, nms: NmsOverrides,
-                  log: Callable[[str], None], flavour: str = "core", compute_capability: str | None = None,
+                  log: Callable[[str], None], flavour: str | None = None, compute_capability: str | None = None,
                   trt_module: str | None = None) -> "TensorRTBackend":
         """Convert ``model``, load or build its engine and get it ready to run."""
         trt = import_trt(trt_module)
@@ -95,6 +95,7 @@ class TensorRTBackend(Backend):
         if gpu_count(cudart) == 0:
             raise UserError("no CUDA GPU is available for TensorRT; use --backend onnxruntime")
         flavor = TrtFlavor.of(trt)
+        flavour = flavour or flavor.default_flavour
         settings = EngineSettings(precision, max_batch_size, compute_capability=compute_capability or "CURRENT",
                                   flavour=flavour)
         converted = convert(model, flavour, settings.onnx_precision(flavor), nms)
