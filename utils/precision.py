@@ -9,6 +9,7 @@ the project's one preprocessing function; only convolutions are quantized.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -47,9 +48,11 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """The network in FP16, FP32 at the edges and in the post-processing."""
     from onnxconverter_common import float16  # noqa: PLC0415
 
-    converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=_kept_fp32(model),
-                                                 op_block_list=["NonMaxSuppression", "TopK", "ScatterND", "GatherND",
-                                                                "Range", "ConstantOfShape", "Resize"])
+    with warnings.catch_warnings():  # one warning per tiny weight flushed to FP16's smallest normal value
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=_kept_fp32(model),
+                                                     op_block_list=["NonMaxSuppression", "TopK", "ScatterND",
+                                                                    "GatherND", "Range", "ConstantOfShape", "Resize"])
     _outputs_to_fp32(converted)
     return converted
 
