@@ -58,7 +58,8 @@ def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverri
     }
 
 
-def _spec_from_dict(data: dict) -> SsdSpec:
+def spec_from_dict(data: dict) -> SsdSpec:
+    """The SsdSpec saved in a converted graph's sidecar JSON."""
     from utils.ssd_spec import AnchorSpec, NmsSpec  # noqa: PLC0415
 
     anchors = data["anchors"]
@@ -107,7 +108,7 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
     if not force and onnx_path.exists() and key_path.exists():
         cached = json.loads(key_path.read_text(encoding="utf-8"))
         if cached.get("key") == key:
-            return ConvertedModel(onnx_path, _spec_from_dict(cached["spec"]), built=False, seconds=0.0)
+            return ConvertedModel(onnx_path, spec_from_dict(cached["spec"]), built=False, seconds=0.0)
 
     start = time.perf_counter()
     key_path.unlink(missing_ok=True)

@@ -88,9 +88,9 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def from_onnx(cls, onnx_path: str, spec, precision: str, max_batch_size: int, flavour: str,
-                  cuda_graph: bool = False, prefer_nhwc: bool = False) -> "OnnxRuntimeBackend":
-        """A session on an ONNX file (CUDA when ONNX Runtime has it, else CPU)."""
-        on_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+                  cuda_graph: bool = False, prefer_nhwc: bool = False, use_cuda: bool = True) -> "OnnxRuntimeBackend":
+        """A session on an ONNX file (CUDA when ONNX Runtime has it and ``use_cuda``, else CPU)."""
+        on_cuda = use_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
         providers = ([("CUDAExecutionProvider", cuda_provider_options(cuda_graph, prefer_nhwc))] if on_cuda else []
                      ) + ["CPUExecutionProvider"]
         if flavour == "trt-plugins":
