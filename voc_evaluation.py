@@ -8,7 +8,6 @@ Examples:
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -36,8 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt (default test)")
     parser.add_argument("--limit", type=int, help="evaluate the first N ids only")
     parser.add_argument("-j", "--workers", type=int, default=None,
-                        help="decode/resize worker processes (default: 0 on 4 cores or fewer, where they "
-                             "take CPU from inference; else half the cores)")
+                        help="decode/resize worker threads (default: one per core)")
     parser.add_argument("-f", "--force", action="store_true", help="run the detector even if cached results match")
     parser.add_argument("--compare", choices=EVAL_BACKENDS, help="also evaluate this backend and compare")
     parser.add_argument("--tolerance", type=float, default=0.5,
@@ -48,8 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be at least 1")
     if args.workers is None:
-        cores = os.cpu_count() or 1
-        args.workers = 0 if cores <= 4 else default_workers() // 2
+        args.workers = default_workers()
     return args
 
 

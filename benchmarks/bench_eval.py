@@ -28,6 +28,7 @@ from utils.evaluation import run_detections  # noqa: E402
 from utils.files import write_text_atomic  # noqa: E402
 from utils.labels import label_map_for  # noqa: E402
 from utils.models import resolve_model  # noqa: E402
+from utils.pipeline import default_workers  # noqa: E402
 from utils.voc import default_voc_dir, load_dataset  # noqa: E402
 
 
@@ -37,7 +38,8 @@ def main() -> int:
     parser.add_argument("-d", "--voc-dir", type=Path, help="VOCdevkit/VOC2007 (default: $VOC_DIR or the workspace's)")
     parser.add_argument("--limit", type=int, default=300, help="first N test images (default 300)")
     parser.add_argument("-b", "--batch-size", type=int, default=64)
-    parser.add_argument("-j", "--workers", type=int, default=0, help="decode worker processes (default 0)")
+    parser.add_argument("-j", "--workers", type=int, default=default_workers(),
+                        help="decode worker threads (default: one per core)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default="onnxruntime,tensorflow", help="comma-separated, compared to the last")
     parser.add_argument("--json", type=Path, default=Path("bench_eval.json"))

@@ -1,14 +1,15 @@
 """The input pipeline: image files -> preprocessed batches, decoded and resized in parallel workers.
 
-Workers run ``utils.preprocess`` (the one preprocessing function) in separate processes, so JPEG
-decoding and resizing overlap with inference; results keep the input order.
+Workers are threads running ``utils.preprocess`` (the one preprocessing function): Pillow's JPEG
+decoder and numpy's array operations release the GIL, so they run in parallel without copying
+every decoded tensor between processes (measured: worker processes capped the H100 machine at
+about 210 images/s by pickling 1 MB per image). Results keep the input order.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -52,7 +53,7 @@ def load_batches(paths: Sequence[Path], batch_size: int, input_size: tuple[int, 
                  keep_images: bool = False) -> Iterator[list[LoadedImage]]:
     """Yield lists of up to ``batch_size`` LoadedImage in input order.
 
-    ``workers`` = 0 loads in this process; otherwise that many worker processes decode ahead
+    ``workers`` = 0 loads in the calling thread; otherwise that many worker threads decode ahead
     (up to PREFETCH_BATCHES batches), overlapping with whatever the caller does with a batch.
     """
     paths = list(paths)
@@ -60,8 +61,7 @@ def load_batches(paths: Sequence[Path], batch_size: int, input_size: tuple[int, 
         for start in range(0, len(paths), batch_size):
             yield [load_one(path, input_size, keep_images) for path in paths[start:start + batch_size]]
         return
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         window = batch_size * PREFETCH_BATCHES
         pending = [pool.submit(load_one, path, input_size, keep_images) for path in paths[:window]]
         submitted = len(pending)
