@@ -22,11 +22,11 @@ from utils.engine import (INPUT, EngineSettings, TrtFlavor, collecting_logger, c
 from utils.errors import UserError
 from utils.files import write_bytes_atomic
 from utils.models import ResolvedModel
+from utils.onnx_export import BOXES, DETECTIONS, NUM_DETECTIONS, SCORES
+from utils.precision import CALIBRATION_BATCH, calibration_images
 
-CORE_OUTPUTS = ("boxes", "scores")
-PORTABLE_OUTPUTS = ("detections", "num_detections")
-CALIBRATION_IMAGES = 512
-CALIBRATION_BATCH = 8
+CORE_OUTPUTS = (BOXES, SCORES)
+PORTABLE_OUTPUTS = (DETECTIONS, NUM_DETECTIONS)
 
 
 def import_cudart():
@@ -65,16 +65,6 @@ def _allocate(cudart, name: str, shape: tuple[int, ...], dtype: np.dtype) -> _Bu
     return _Buffer(name, device, host, host_ptr)
 
 
-def _voc_images(workspace: Path) -> list[Path]:
-    from utils.voc import default_voc_dir  # noqa: PLC0415
-
-    images = sorted((default_voc_dir(workspace) / "JPEGImages").glob("*.jpg"))[:CALIBRATION_IMAGES]
-    if not images:
-        raise UserError(f"INT8 calibration needs VOC images in {default_voc_dir(workspace)}/JPEGImages "
-                        f"(set $VOC_DIR)")
-    return images
-
-
 @dataclass
 class TensorRTBackend(Backend):
     trt: ModuleType = None
@@ -105,7 +95,7 @@ class TensorRTBackend(Backend):
         engines = workspace / "engines"
         path = engine_path(engines / model.name / flavour, precision, max_batch_size)
         runtime = trt.Runtime(collecting_logger(trt))
-        calibrate = (lambda: entropy_calibrator(trt, _voc_images(workspace), CALIBRATION_BATCH, converted.spec.input_size,
+        calibrate = (lambda: entropy_calibrator(trt, calibration_images(), CALIBRATION_BATCH, converted.spec.input_size,
                                                 path.with_name("calibration.cache"), cudart))
         found = load_or_build_engine(trt, converted.onnx_path, settings, path, runtime=runtime, log=log,
                                      calibrator_factory=calibrate if flavor.precision_flags else None,
