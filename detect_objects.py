@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(several inputs; default WORKSPACE/detections)")
     parser.add_argument("--json", type=Path, help="write all detections above the threshold as COCO results JSON")
     cli.add_flavour_arg(parser)
+    cli.add_trt_module_arg(parser)
     cli.add_nms_args(parser)
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failures = list(inputs.errors)
     coco = []
+    cli.apply_trt_module(args)
     with cli.user_errors():
         check_options(args.flavour or "portable", args.precision)
         model = resolve_model(args.model, args.workspace)

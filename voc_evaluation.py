@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest |mAP difference| in AP points that --compare accepts (default 0.5)")
     parser.add_argument("--plot", action="store_true", help="write a PR-curve PNG into the results folder")
     cli.add_flavour_arg(parser)
+    cli.add_trt_module_arg(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be at least 1")
@@ -88,6 +89,7 @@ def print_report(name: str, args, model, dataset, results, stats, detectable) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cli.apply_trt_module(args)
     with cli.user_errors():
         check_options(args.flavour or "portable", args.precision)
         voc_dir = args.voc_dir or default_voc_dir(args.workspace)

@@ -36,6 +36,18 @@ def add_flavour_arg(parser: argparse.ArgumentParser) -> None:
                              "runs plugin/'s reference ops), core (no NMS inside; numpy NMS after)")
 
 
+def add_trt_module_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trt-module", choices=("tensorrt", "tensorrt_rtx"), default=None,
+                        help="TensorRT module for --backend tensorrt (default: $SSD_TRT_MODULE, else the one "
+                             "installed, tensorrt first)")
+
+
+def apply_trt_module(args: argparse.Namespace) -> None:
+    """--trt-module wins over $SSD_TRT_MODULE, which utils.engine.import_trt reads."""
+    if getattr(args, "trt_module", None):
+        os.environ["SSD_TRT_MODULE"] = args.trt_module
+
+
 def add_nms_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("NMS (defaults: the graph's / pipeline.config's values)")
     group.add_argument("--score-threshold", type=float, help="confidence below which boxes are dropped before NMS")
