@@ -12,30 +12,11 @@ import numpy as np
 
 from utils.anchors import grid_anchors
 from utils.postprocess import multiclass_nms, sigmoid
-from utils.ssd_spec import AnchorSpec, NmsSpec, SsdSpec
+from utils.onnx_export import TF_CENTER
+from utils.ssd_spec import AnchorSpec, NmsSpec
 
-TF_CENTER = 3   # CodeTypeSSD::TF_CENTER (NvInferPluginUtils.h: CORNER 0, CENTER_SIZE 1, CORNER_SIZE 2)
 NMS_REQUIRED = {"shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0, "codeType": TF_CENTER,
                 "isNormalized": 1}
-
-
-def grid_anchor_fields(spec: SsdSpec) -> dict:
-    """GridAnchor_TRT's fields for a spec (square feature maps, TF's reduced lowest layer)."""
-    anchors = spec.anchors
-    if not anchors.reduce_boxes_in_lowest_layer or anchors.interpolated_scale_aspect_ratio != 1.0:
-        raise ValueError("GridAnchor_TRT always reduces the lowest layer and adds one interpolated box of ratio 1")
-    if any(h != w for h, w in anchors.feature_map_shapes):
-        raise ValueError(f"GridAnchor_TRT needs square feature maps, not {anchors.feature_map_shapes}")
-    return {"minSize": anchors.min_scale, "maxSize": anchors.max_scale, "aspectRatios": list(anchors.aspect_ratios),
-            "featureMapShapes": [h for h, _ in anchors.feature_map_shapes], "variance": list(spec.variances),
-            "numLayers": anchors.num_layers}
-
-
-def nms_fields(spec: SsdSpec) -> dict:
-    """NMS_TRT's fields for a spec, inputs in the order (loc, priors, conf)."""
-    return {**NMS_REQUIRED, "numClasses": spec.num_classes, "topK": spec.nms.top_k, "keepTopK": spec.nms.keep_top_k,
-            "confidenceThreshold": spec.nms.score_threshold, "nmsThreshold": spec.nms.iou_threshold,
-            "inputOrder": [0, 2, 1], "confSigmoid": 1}
 
 
 def anchor_spec(attrs: Mapping) -> AnchorSpec:

@@ -12,7 +12,7 @@ from plugin import reference
 from utils import tf_graph
 from utils.anchors import grid_anchors
 from utils.converter import read_spec
-from utils.onnx_export import FLAVOURS
+from utils.onnx_export import FLAVOURS, grid_anchor_fields, nms_fields
 from utils.postprocess import decode_boxes, multiclass_nms, sigmoid
 from utils.ssd_spec import AnchorSpec, NmsSpec, SsdSpec
 
@@ -42,7 +42,7 @@ def _predictions(spec: SsdSpec, count: int, seed: int = 0) -> tuple[list, list]:
 def test_grid_anchor_equals_tensorflows_anchor_subgraph(model_fixture, request):
     graph_def, _, nodes, spec = read_spec(request.getfixturevalue(model_fixture))
     (tf_anchors,) = tf_graph.evaluate(graph_def, [nodes.anchor_concat])
-    fields = _as_stored(reference.grid_anchor_fields(spec))
+    fields = _as_stored(grid_anchor_fields(spec))
     layers = reference.grid_anchor(fields)
     assert len(layers) == 6
     sizes = [h * w * spec.anchors.boxes_per_location(i) for i, (h, w) in enumerate(spec.anchors.feature_map_shapes)]
@@ -68,20 +68,20 @@ def test_flatten_concat_equals_tensorflows_reshape_and_concat():
 def test_tf_center_decoding_equals_postprocess():
     boxes, _ = _predictions(SPEC, count=2)
     loc = reference.flatten_concat(boxes)
-    priors = np.concatenate(reference.grid_anchor(reference.grid_anchor_fields(SPEC)), axis=1)
+    priors = np.concatenate(reference.grid_anchor(grid_anchor_fields(SPEC)), axis=1)
     expected = decode_boxes(loc, grid_anchors(SPEC.anchors), SPEC.box_coder_scales)
     np.testing.assert_allclose(reference.decode_tf_center(loc, priors), expected, atol=2e-6, rtol=0)
 
 
 def _nms_inputs(spec: SsdSpec, count: int, seed: int = 0):
     boxes, logits = _predictions(spec, count, seed)
-    priors = np.concatenate(reference.grid_anchor(_as_stored(reference.grid_anchor_fields(spec))), axis=1)
+    priors = np.concatenate(reference.grid_anchor(_as_stored(grid_anchor_fields(spec))), axis=1)
     return reference.flatten_concat(boxes), priors, reference.flatten_concat(logits)
 
 
 def test_nms_trt_equals_postprocess_on_decoded_inputs():
     loc, priors, conf = _nms_inputs(SPEC, count=2)
-    nms_out, nms_count = reference.nms_trt(loc, priors, conf, reference.nms_fields(SPEC))
+    nms_out, nms_count = reference.nms_trt(loc, priors, conf, nms_fields(SPEC))
     assert nms_out.shape == (2, 1, 50, 7) and nms_out.dtype == np.float32
     assert nms_count.shape == (2, 1, 1, 1) and nms_count.dtype == np.int32
 
@@ -100,10 +100,11 @@ def test_nms_trt_pads_to_keep_top_k_and_refuses_other_configurations():
     small = SsdSpec(num_classes=2, input_size=(300, 300), anchors=AnchorSpec(feature_map_shapes=((1, 1),) * 6),
                     nms=NmsSpec(keep_top_k=200))
     loc, priors, conf = _nms_inputs(small, count=1)
-    nms_out, nms_count = reference.nms_trt(loc, priors, conf, reference.nms_fields(small))
+    assert nms_fields(small)["keepTopK"] == small.num_anchors  # the graphs clamp it to what can exist
+    nms_out, nms_count = reference.nms_trt(loc, priors, conf, {**nms_fields(small), "keepTopK": 200})
     assert nms_out.shape == (1, 1, 200, 7) and 0 < nms_count[0, 0, 0, 0] <= small.num_anchors
     with pytest.raises(ValueError, match="codeType"):
-        reference.nms_trt(loc, priors, conf, {**reference.nms_fields(small), "codeType": 1})
+        reference.nms_trt(loc, priors, conf, {**nms_fields(small), "codeType": 1})
 
 
 def _plugin_model(spec: SsdSpec):
@@ -113,12 +114,12 @@ def _plugin_model(spec: SsdSpec):
     boxes = [f"box_{i}" for i in range(6)]
     logits = [f"class_{i}" for i in range(6)]
     nodes = [
-        helper.make_node("GridAnchor_TRT", ["Input"], layers, **trt, **reference.grid_anchor_fields(spec)),
+        helper.make_node("GridAnchor_TRT", ["Input"], layers, **trt, **grid_anchor_fields(spec)),
         helper.make_node("Concat", layers, ["priors"], axis=1),
         helper.make_node("FlattenConcat_TRT", boxes, ["loc"], axis=1, ignoreBatch=0, **trt),
         helper.make_node("FlattenConcat_TRT", logits, ["conf"], axis=1, ignoreBatch=0, **trt),
         helper.make_node("NMS_TRT", ["loc", "priors", "conf"], ["nms_out", "nms_count"], **trt,
-                         **reference.nms_fields(spec)),
+                         **nms_fields(spec)),
     ]
     inputs = [helper.make_tensor_value_info("Input", TensorProto.FLOAT, ["N", 3, 300, 300])]
     for i, (h, w) in enumerate(spec.anchors.feature_map_shapes):
@@ -144,11 +145,11 @@ def test_custom_ops_run_in_onnxruntime():
     feed = {"Input": np.zeros((2, 3, 300, 300), np.float32), **{f"box_{i}": b for i, b in enumerate(boxes)},
             **{f"class_{i}": c for i, c in enumerate(logits)}}
     priors, loc, conf, nms_out, nms_count = session.run(None, feed)
-    expected_priors = np.concatenate(reference.grid_anchor(_as_stored(reference.grid_anchor_fields(SPEC))), axis=1)
+    expected_priors = np.concatenate(reference.grid_anchor(_as_stored(grid_anchor_fields(SPEC))), axis=1)
     np.testing.assert_array_equal(priors, expected_priors)
     np.testing.assert_array_equal(loc, reference.flatten_concat(boxes))
     np.testing.assert_array_equal(conf, reference.flatten_concat(logits))
-    expected_out, expected_count = reference.nms_trt(loc, priors, conf, _as_stored(reference.nms_fields(SPEC)))
+    expected_out, expected_count = reference.nms_trt(loc, priors, conf, _as_stored(nms_fields(SPEC)))
     assert nms_count.dtype == np.int32
     np.testing.assert_array_equal(nms_count, expected_count)
     np.testing.assert_array_equal(nms_out, expected_out)

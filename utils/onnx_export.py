@@ -18,6 +18,7 @@ import numpy as np
 
 from utils import anchors as anchor_math
 from utils import tf_graph
+from utils.errors import UserError
 from utils.ssd_spec import SsdSpec
 
 OPSET = 17
@@ -206,6 +207,30 @@ def add_portable_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[
     return _export(graph, [detections, num_detections], spec)
 
 
+def grid_anchor_fields(spec: SsdSpec) -> dict:
+    """GridAnchor_TRT's fields for a spec (square feature maps, TF's reduced lowest layer)."""
+    anchors = spec.anchors
+    if not anchors.reduce_boxes_in_lowest_layer or anchors.interpolated_scale_aspect_ratio != 1.0:
+        raise UserError("GridAnchor_TRT always reduces the lowest layer and adds one interpolated box of ratio 1; "
+                        "use --flavour portable for this anchor generator")
+    if any(h != w for h, w in anchors.feature_map_shapes):
+        raise UserError(f"GridAnchor_TRT needs square feature maps, not {anchors.feature_map_shapes}; "
+                        "use --flavour portable")
+    return {"minSize": float(anchors.min_scale), "maxSize": float(anchors.max_scale),
+            "aspectRatios": [float(r) for r in anchors.aspect_ratios],
+            "featureMapShapes": [int(h) for h, _ in anchors.feature_map_shapes],
+            "variance": [float(v) for v in spec.variances], "numLayers": int(anchors.num_layers)}
+
+
+def nms_fields(spec: SsdSpec) -> dict:
+    """NMS_TRT's fields for a spec, inputs in the order (loc, priors, conf)."""
+    keep_top_k = min(spec.nms.keep_top_k, spec.num_anchors * (spec.num_classes - 1))
+    return {"shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0,
+            "numClasses": int(spec.num_classes), "topK": int(spec.nms.top_k), "keepTopK": int(keep_top_k),
+            "confidenceThreshold": float(spec.nms.score_threshold), "nmsThreshold": float(spec.nms.iou_threshold),
+            "inputOrder": [0, 2, 1], "confSigmoid": 1, "isNormalized": 1, "codeType": TF_CENTER}
+
+
 def add_trt_plugin_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[str]):
     """Flavour ``trt-plugins``: the original sample's collapse as TensorRT plugin nodes.
 
@@ -225,11 +250,7 @@ def add_trt_plugin_postprocessing(model_proto, spec: SsdSpec, extra_outputs: lis
                    for i, (h, w) in enumerate(spec.anchors.feature_map_shapes)]
     priors = [gs.Variable(f"GridAnchor_out{i}", np.float32, [2, size, 1]) for i, size in enumerate(prior_sizes)]
     graph.layer(op="GridAnchor_TRT", name=f"{POST_PREFIX}GridAnchor", domain=PLUGIN_DOMAIN, inputs=[graph.inputs[0]],
-                outputs=priors, attrs={
-                    "minSize": float(spec.anchors.min_scale), "maxSize": float(spec.anchors.max_scale),
-                    "aspectRatios": [float(r) for r in spec.anchors.aspect_ratios],
-                    "featureMapShapes": [int(h) for h, _ in spec.anchors.feature_map_shapes],
-                    "variance": [float(v) for v in spec.variances], "numLayers": int(layers), **plugin})
+                outputs=priors, attrs={**grid_anchor_fields(spec), **plugin})
     prior_box = build.op("Concat", priors, {"axis": 1}, name="concat_priorbox",
                          dtype=np.float32, shape=[2, sum(prior_sizes), 1])
     num_anchors, num_classes = spec.num_anchors, spec.num_classes
@@ -240,16 +261,12 @@ def add_trt_plugin_postprocessing(model_proto, spec: SsdSpec, extra_outputs: lis
         graph.layer(op="FlattenConcat_TRT", name=name, domain=PLUGIN_DOMAIN,
                     inputs=[tensors[tensor] for tensor in inputs],
                     outputs=[output], attrs={"axis": 1, "ignoreBatch": 0, **plugin})
-    keep_top_k = min(spec.nms.keep_top_k, num_anchors * (num_classes - 1))
+    fields = nms_fields(spec)
+    keep_top_k = fields["keepTopK"]
     nms_out = gs.Variable("nms_out", np.float32, ["N", 1, keep_top_k, 7])
     nms_count = gs.Variable("nms_count", np.int32, ["N", 1, 1, 1])
     graph.layer(op="NMS_TRT", name=f"{POST_PREFIX}NMS", domain=PLUGIN_DOMAIN, inputs=[loc, prior_box, conf],
-                outputs=[nms_out, nms_count], attrs={
-                    "shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0,
-                    "numClasses": int(num_classes), "topK": int(spec.nms.top_k), "keepTopK": int(keep_top_k),
-                    "confidenceThreshold": float(spec.nms.score_threshold),
-                    "nmsThreshold": float(spec.nms.iou_threshold), "inputOrder": [0, 2, 1], "confSigmoid": 1,
-                    "isNormalized": 1, "codeType": TF_CENTER, **plugin})
+                outputs=[nms_out, nms_count], attrs={**fields, **plugin})
     detections = build.op("Reshape", [nms_out, build.const("det_shape", np.array([0, keep_top_k, 7], np.int64))],
                           name=DETECTIONS, dtype=np.float32, shape=["N", keep_top_k, 7])
     num_detections = build.op("Reshape", [nms_count, build.const("count_shape", np.array([-1], np.int64))],
