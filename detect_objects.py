@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from utils import cli
 from utils.backends import BACKENDS, create_backend
-from utils.detection import collect_images, coco_results, detect_images
-from utils.converter import check_options
+from utils.detection import InputList, collect_images, coco_results, detect_images
+from utils.converter import cache_key, check_options
 from utils.draw import draw_detections
 from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, UserError
 from utils.files import atomic_path, write_text_atomic
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_flavour_arg(parser)
     cli.add_trt_module_arg(parser)
     cli.add_nms_args(parser)
+    cli.add_ray_args(parser)
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error("--max-batch-size must be at least 1")
@@ -56,6 +59,70 @@ def output_path_for(image_path: Path, output: Path | None, single: bool, workspa
     return folder / f"{image_path.stem}_inferred.jpg"
 
 
+def detect_here(args: argparse.Namespace, inputs: InputList, single: bool, failures: list) -> list[dict]:
+    """Detect in this process, drawing each image; returns the COCO results."""
+    coco = []
+    model = resolve_model(args.model, args.workspace)
+    backend = create_backend(args.backend, model, args.precision, args.max_batch_size,
+                             cli.nms_overrides(args), cli.log, args.flavour)
+    print("\n".join(backend.settings()) + "\n", flush=True)
+    labels = label_map_for(model.labels, backend.spec.num_classes)
+    for result in detect_images(backend, inputs.files, args.max_batch_size):
+        if result.error:
+            cli.log(f"error: {result.error}")
+            failures.append(result)
+            continue
+        started = time.perf_counter()
+        shown = result.rows[result.rows[:, 2] >= args.threshold]
+        if len(inputs.files) > 1:
+            print(f"{result.path}:")
+        for row in shown:
+            print(f"Detected {label_name(labels, int(row[1]))} with confidence {int(row[2] * 100)}%")
+        target = output_path_for(result.path, args.output, single, args.workspace)
+        try:
+            with atomic_path(target) as tmp:
+                draw_detections(result.image, shown, labels).save(tmp)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot write '{target}': {exc}; choose another -o/--output") from exc
+        coco.extend(coco_results(result.path, result.rows, result.image.size, args.threshold))
+        per_image = result.total_ms / result.batch_size + (time.perf_counter() - started) * 1000
+        batch_note = f" (batch of {result.batch_size})" if result.batch_size > 1 else ""
+        print(f"{backend.name} inference time: {result.inference_ms:.0f} ms{batch_note}")
+        print(f"Total time taken for one image: {per_image:.0f} ms")
+        print(f"Saved output image to: {target}\n", flush=True)
+    return coco
+
+
+def detect_on_ray(args: argparse.Namespace, files: list[Path], failures: list) -> list[dict]:
+    """Detect on a Ray cluster (utils.distributed); prints the detections, draws nothing; returns the COCO results."""
+    from utils import distributed  # noqa: PLC0415
+
+    distributed.import_ray()
+    model = resolve_model(args.model, args.workspace)
+    config = distributed.DetectorConfig(args.backend, model, args.precision, args.max_batch_size,
+                                        cli.nms_overrides(args), args.flavour)
+    keys = [str(path) for path in files]
+    key = {"inputs": distributed.input_key(keys, files), "backend": args.backend, "batch": args.max_batch_size,
+           "model": cache_key(model, args.flavour or "portable", args.precision, cli.nms_overrides(args))}
+    distributed.connect(cli.ray_address(args))
+    run = distributed.run(keys, files, config, distributed.run_folder(args.workspace, key), key,
+                          args.ray_workers, cli.log)
+    labels = label_map_for(model.labels, run.num_classes)
+    coco = []
+    for record in run.records:
+        if record.error:
+            cli.log(f"error: {record.error}")
+            failures.append(record)
+            continue
+        rows = np.array(record.rows, dtype=np.float32).reshape(-1, 7)
+        print(f"{record.path}:")
+        for row in rows[rows[:, 2] >= args.threshold]:
+            print(f"Detected {label_name(labels, int(row[1]))} with confidence {int(row[2] * 100)}%")
+        coco.extend(coco_results(Path(record.path), rows, tuple(record.size), args.threshold))
+    print(f"Shards and merged detections (JSON lines) in: {run.folder}")
+    return coco
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     inputs = collect_images(args.inputs)
@@ -64,38 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         cli.log(f"error: {len(inputs.files)} images need an output folder, not the file {args.output}")
         return 2
     failures = list(inputs.errors)
-    coco = []
     cli.apply_trt_module(args)
     with cli.user_errors():
         check_options(args.flavour or "portable", args.precision)
-        model = resolve_model(args.model, args.workspace)
-        backend = create_backend(args.backend, model, args.precision, args.max_batch_size,
-                                 cli.nms_overrides(args), cli.log, args.flavour)
-        print("\n".join(backend.settings()) + "\n", flush=True)
-        labels = label_map_for(model.labels, backend.spec.num_classes)
-        for result in detect_images(backend, inputs.files, args.max_batch_size):
-            if result.error:
-                cli.log(f"error: {result.error}")
-                failures.append(result)
-                continue
-            started = time.perf_counter()
-            shown = result.rows[result.rows[:, 2] >= args.threshold]
-            if len(inputs.files) > 1:
-                print(f"{result.path}:")
-            for row in shown:
-                print(f"Detected {label_name(labels, int(row[1]))} with confidence {int(row[2] * 100)}%")
-            target = output_path_for(result.path, args.output, single, args.workspace)
-            try:
-                with atomic_path(target) as tmp:
-                    draw_detections(result.image, shown, labels).save(tmp)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"cannot write '{target}': {exc}; choose another -o/--output") from exc
-            coco.extend(coco_results(result, args.threshold))
-            per_image = result.total_ms / result.batch_size + (time.perf_counter() - started) * 1000
-            batch_note = f" (batch of {result.batch_size})" if result.batch_size > 1 else ""
-            print(f"{backend.name} inference time: {result.inference_ms:.0f} ms{batch_note}")
-            print(f"Total time taken for one image: {per_image:.0f} ms")
-            print(f"Saved output image to: {target}\n", flush=True)
+        if args.ray:
+            coco = detect_on_ray(args, inputs.files, failures)
+        else:
+            coco = detect_here(args, inputs, single, failures)
         if args.json:
             write_text_atomic(args.json, json.dumps(coco, indent=1))
             print(f"Saved {len(coco)} detections to: {args.json}")

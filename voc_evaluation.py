@@ -8,18 +8,22 @@ Examples:
 """
 
 import argparse
+import shutil
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 from utils import cli
 from utils import evaluation as ev
 from utils.backends import BACKENDS, create_backend
 from utils.converter import cache_key, check_options
 from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED
-from utils.labels import label_map_for
+from utils.labels import VOC_CLASSES, label_map_for
 from utils.models import resolve_model
 from utils.pipeline import default_workers
-from utils.voc import default_voc_dir, evaluate, load_dataset, mean_ap
+from utils.voc import Detection, VocDataset, default_voc_dir, detections_to_voc, evaluate, load_dataset, mean_ap
 
 EVAL_BACKENDS = [name for name in BACKENDS if name != "auto"]
 
@@ -43,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", action="store_true", help="write a PR-curve PNG into the results folder")
     cli.add_flavour_arg(parser)
     cli.add_trt_module_arg(parser)
+    cli.add_ray_args(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be at least 1")
@@ -57,9 +62,11 @@ def evaluate_backend(name: str, args, model, dataset):
     flavour = None if name == "tensorflow" else args.flavour
     key = ev.run_key(dataset, cache_key(model, flavour or "portable", args.precision), name, args.precision)
     cached = None if args.force else ev.load_cached(folder, dataset.split, key)
-    backend = (create_backend(name, model, args.precision, args.batch_size, log=cli.log, flavour=flavour)
-               if cached is None else None)
-    if cached is None:
+    if cached is None and args.ray:
+        detections, stats, labels = detect_on_ray(name, args, model, dataset, flavour, key)
+        detections = ev.save_detections(folder, dataset.split, key, detections, stats)
+    elif cached is None:
+        backend = create_backend(name, model, args.precision, args.batch_size, log=cli.log, flavour=flavour)
         labels = label_map_for(model.labels, backend.spec.num_classes)
         detections, stats = ev.run_detections(backend, dataset, labels, args.batch_size, args.workers)
         detections = ev.save_detections(folder, dataset.split, key, detections, stats)
@@ -68,6 +75,31 @@ def evaluate_backend(name: str, args, model, dataset):
         detections, stats = cached
         labels = label_map_for(model.labels, stats.num_classes)
     return evaluate(dataset, detections), stats, labels, folder
+
+
+def detect_on_ray(name: str, args, model, dataset: VocDataset, flavour: str | None,
+                  key: dict) -> tuple[dict[str, list[Detection]], ev.RunStats, dict[int, str]]:
+    """run_detections on a Ray cluster (utils.distributed): detections by VOC class, stats, label map."""
+    from utils import distributed  # noqa: PLC0415
+
+    config = distributed.DetectorConfig(name, model, args.precision, args.batch_size, flavour=flavour)
+    ids, paths = [image.image_id for image in dataset.images], [image.path for image in dataset.images]
+    run_key = {"run": key, "inputs": distributed.input_key(ids, paths), "batch": args.batch_size}
+    shards = distributed.run_folder(args.workspace, run_key)
+    if args.force:
+        shutil.rmtree(shards, ignore_errors=True)
+    distributed.connect(cli.ray_address(args))
+    started = time.perf_counter()
+    run = distributed.run(ids, paths, config, shards, run_key, args.ray_workers, cli.log)
+    labels = label_map_for(model.labels, run.num_classes)
+    by_class: dict[str, list[Detection]] = {voc_name: [] for voc_name in VOC_CLASSES}
+    for record in (record for record in run.records if record.error is None):
+        for voc_name, found in detections_to_voc(np.array(record.rows, np.float32), *record.size, labels).items():
+            by_class[voc_name].extend((record.key, *map(float, row)) for row in found)
+    failed = [record.error for record in run.records if record.error]
+    stats = ev.RunStats(images=len(run.records) - len(failed), failed=failed, seconds=time.perf_counter() - started,
+                        inference_seconds=run.inference_seconds, num_classes=run.num_classes)
+    return by_class, stats, labels
 
 
 def print_report(name: str, args, model, dataset, results, stats, detectable) -> float:
@@ -92,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.apply_trt_module(args)
     with cli.user_errors():
         check_options(args.flavour or "portable", args.precision)
+        if args.ray:
+            from utils.distributed import import_ray  # noqa: PLC0415
+
+            import_ray()
         voc_dir = args.voc_dir or default_voc_dir(args.workspace)
         dataset = load_dataset(voc_dir, args.split, args.limit)
         model = resolve_model(args.model, args.workspace)

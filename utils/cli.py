@@ -56,6 +56,26 @@ def add_nms_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep-top-k", type=int, help="boxes kept per image")
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Ray cluster (pip install -r requirements-distributed.txt)")
+    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on a Ray cluster: no ADDRESS starts a local one, 'auto' joins the running one")
+    group.add_argument("--ray-workers", type=_at_least_one, default=None, metavar="N",
+                       help="detector actors (default: one per GPU of the cluster, else one per CPU)")
+
+
+def ray_address(args: argparse.Namespace) -> str | None:
+    """The address ray.init takes for --ray: None starts a local cluster."""
+    return None if args.ray == "local" else args.ray
+
+
 def nms_overrides(args: argparse.Namespace) -> NmsOverrides:
     return NmsOverrides(args.score_threshold, args.iou_threshold, args.top_k, args.keep_top_k)
 

@@ -81,13 +81,14 @@ def detect_images(backend: Backend, files: list[Path], batch_size: int) -> Itera
         yield from results
 
 
-def coco_results(result: ImageResult, threshold: float) -> list[dict]:
-    """COCO results-style entries of one image: bbox [x, y, width, height] in original pixels."""
-    width, height = result.image.size
+def coco_results(path: Path, rows: np.ndarray, size: tuple[int, int], threshold: float) -> list[dict]:
+    """COCO results-style entries of one image (rows [M, 7], size = original (width, height)):
+    bbox [x, y, width, height] in original pixels."""
+    width, height = size
     entries = []
-    for row in result.rows[result.rows[:, 2] >= threshold]:
+    for row in rows[rows[:, 2] >= threshold]:
         xmin, ymin, xmax, ymax = box_to_pixels(row, width, height)
-        entries.append({"image_id": result.path.name, "category_id": int(row[1]),
+        entries.append({"image_id": Path(path).name, "category_id": int(row[1]),
                         "bbox": [round(xmin, 2), round(ymin, 2), round(xmax - xmin, 2), round(ymax - ymin, 2)],
                         "score": round(float(row[2]), 5)})
     return entries
