@@ -331,3 +331,11 @@ def test_default_flavour_follows_the_tensorrt_module():
     assert TrtFlavor.of(make_trt(11)[0]).default_flavour == "portable"
     rtx = pytest.importorskip("tensorrt_rtx")
     assert TrtFlavor.of(rtx).default_flavour == "core"
+
+
+def test_flavour_auto_leaves_the_choice_to_the_backend():
+    import detect_objects
+
+    assert detect_objects.parse_args(["x.jpg", "--flavour", "auto"]).flavour is None
+    assert detect_objects.parse_args(["x.jpg"]).flavour is None
+    assert detect_objects.parse_args(["x.jpg", "--flavour", "core"]).flavour == "core"

@@ -27,13 +27,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="folder for downloaded models, converted graphs and results (default: %(default)s)")
 
 
+class _AutoIsNone(argparse.Action):
+    """Stores None for "auto": each backend then picks its own default flavour."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, None if values == "auto" else values)
+
+
 def add_flavour_arg(parser: argparse.ArgumentParser) -> None:
     from utils.onnx_export import FLAVOURS  # noqa: PLC0415
 
-    parser.add_argument("--flavour", choices=FLAVOURS, default=None,
-                        help="ONNX flavour the converted backends run: portable (standard ONNX ops, the "
-                             "onnxruntime default), trt-plugins (GridAnchor/FlattenConcat/NMS_TRT; onnxruntime "
-                             "runs plugin/'s reference ops), core (no NMS inside; numpy NMS after)")
+    parser.add_argument("--flavour", choices=(*FLAVOURS, "auto"), default=None, action=_AutoIsNone,
+                        help="ONNX flavour the converted backends run: portable (standard ONNX ops), "
+                             "trt-plugins (GridAnchor/FlattenConcat/NMS_TRT; onnxruntime runs plugin/'s reference "
+                             "ops), core (no NMS inside; numpy NMS after), auto (default: portable for "
+                             "onnxruntime; for tensorrt trt-plugins up to TRT 10, portable for 11, core for RTX)")
 
 
 def add_trt_module_arg(parser: argparse.ArgumentParser) -> None:
