@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from utils.anchors import grid_anchors
-from utils.postprocess import multiclass_nms, sigmoid
+from utils.postprocess import decode_boxes, multiclass_nms, sigmoid
 from utils.onnx_export import TF_CENTER
 from utils.ssd_spec import AnchorSpec, NmsSpec
 
@@ -51,15 +51,13 @@ def flatten_concat(inputs: Sequence[np.ndarray], axis: int = 1, ignore_batch: in
 def decode_tf_center(loc: np.ndarray, priors: np.ndarray) -> np.ndarray:
     """NMS_TRT's TF_CENTER decoding: loc (ty, tx, th, tw) per prior -> [N, A, 4] (ymin, xmin, ymax, xmax), unclipped.
 
-    As the plugin's kernel: center = prior center + t * variance * prior size, size = exp(t * variance) * prior size.
+    The same decoding as utils.postprocess.decode_boxes, whose box-coder scales are 1 / variance.
     """
-    corners, variance = np.asarray(priors, np.float32).reshape(2, -1, 4)     # x-first, variances (x, y, w, h)
-    codes = np.asarray(loc, np.float32).reshape(len(loc), -1, 4)[..., [1, 0, 3, 2]]   # (tx, ty, tw, th)
-    sizes = corners[:, 2:] - corners[:, :2]
-    centers = (corners[:, :2] + corners[:, 2:]) / 2
-    box_centers = variance[:, :2] * codes[..., :2] * sizes + centers
-    half = np.exp(variance[:, 2:] * codes[..., 2:]) * sizes / 2
-    return np.concatenate([box_centers - half, box_centers + half], axis=-1)[..., [1, 0, 3, 2]].astype(np.float32)
+    corners, variances = np.asarray(priors, np.float32).reshape(2, -1, 4)    # x-first, variances (x, y, w, h)
+    if not (variances == variances[0]).all():
+        raise ValueError("NMS_TRT reference expects one variance for every prior (as GridAnchor_TRT writes)")
+    scales = tuple(float(1 / v) for v in variances[0][[1, 0, 3, 2]])          # (y, x, h, w)
+    return decode_boxes(np.asarray(loc, np.float32), corners[:, [1, 0, 3, 2]], scales)
 
 
 def nms_trt(loc: np.ndarray, priors: np.ndarray, conf: np.ndarray, attrs: Mapping) -> tuple[np.ndarray, np.ndarray]:
