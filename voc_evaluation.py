@@ -11,7 +11,6 @@ import argparse
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +22,7 @@ from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED
 from utils.labels import VOC_CLASSES, label_map_for
 from utils.models import resolve_model
 from utils.pipeline import default_workers
-from utils.voc import Detection, VocDataset, default_voc_dir, detections_to_voc, evaluate, load_dataset, mean_ap
+from utils.voc import Detection, VocDataset, detections_to_voc, evaluate, mean_ap
 
 EVAL_BACKENDS = [name for name in BACKENDS if name != "auto"]
 
@@ -34,10 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_model_args(parser)
     parser.add_argument("-p", "--precision", choices=("FP32", "FP16", "INT8"), default="FP32")
     parser.add_argument("-b", "--batch-size", type=int, default=64, help="inference batch size (default 64)")
-    parser.add_argument("-d", "--voc-dir", type=Path, default=None,
-                        help="VOCdevkit/VOC2007 folder (default: $VOC_DIR, else WORKSPACE/VOCdevkit/VOC2007)")
+    cli.add_voc_args(parser)
     parser.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt (default test)")
-    parser.add_argument("--limit", type=int, help="evaluate the first N ids only")
     parser.add_argument("-j", "--workers", type=int, default=None,
                         help="decode/resize worker threads (default: one per core)")
     parser.add_argument("-f", "--force", action="store_true", help="run the detector even if cached results match")
@@ -128,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             from utils.distributed import import_ray  # noqa: PLC0415
 
             import_ray()
-        voc_dir = args.voc_dir or default_voc_dir(args.workspace)
-        dataset = load_dataset(voc_dir, args.split, args.limit)
+        dataset = cli.voc_dataset(args, args.split)
         model = resolve_model(args.model, args.workspace)
         backends = [args.backend] + ([args.compare] if args.compare and args.compare != args.backend else [])
         reports = {}

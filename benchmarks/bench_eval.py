@@ -29,14 +29,12 @@ from utils.files import write_text_atomic  # noqa: E402
 from utils.labels import label_map_for  # noqa: E402
 from utils.models import resolve_model  # noqa: E402
 from utils.pipeline import default_workers  # noqa: E402
-from utils.voc import default_voc_dir, load_dataset  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser)
-    parser.add_argument("-d", "--voc-dir", type=Path, help="VOCdevkit/VOC2007 (default: $VOC_DIR or the workspace's)")
-    parser.add_argument("--limit", type=int, default=300, help="first N test images (default 300)")
+    cli.add_voc_args(parser, limit=300)
     parser.add_argument("-b", "--batch-size", type=int, default=64)
     parser.add_argument("-j", "--workers", type=int, default=default_workers(),
                         help="decode worker threads (default: one per core)")
@@ -46,7 +44,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with cli.user_errors():
-        dataset = load_dataset(args.voc_dir or default_voc_dir(args.workspace), "test", args.limit)
+        dataset = cli.voc_dataset(args)
         model = resolve_model(args.model, args.workspace)
         rows = []
         for name in args.backends.split(","):

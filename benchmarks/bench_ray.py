@@ -28,7 +28,6 @@ from utils.backends import create_backend  # noqa: E402
 from utils.detection import detect_images  # noqa: E402
 from utils.files import write_text_atomic  # noqa: E402
 from utils.models import resolve_model  # noqa: E402
-from utils.voc import default_voc_dir, load_dataset  # noqa: E402
 
 
 def single_pass(backend, paths: list[Path], batch: int) -> float:
@@ -56,16 +55,14 @@ def median_fps(images: int, measure, repeats: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser)
-    parser.add_argument("-d", "--voc-dir", type=Path, help="VOCdevkit/VOC2007 (default: $VOC_DIR or the workspace's)")
-    parser.add_argument("--limit", type=int, default=120, help="first N test images (default 120)")
+    cli.add_voc_args(parser, limit=120)
     parser.add_argument("-b", "--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("bench_ray.json"))
     args = parser.parse_args()
 
     with cli.user_errors():
-        paths = [image.path for image in load_dataset(args.voc_dir or default_voc_dir(args.workspace),
-                                                      "test", args.limit).images]
+        paths = [image.path for image in cli.voc_dataset(args).images]
         model = resolve_model(args.model, args.workspace)
         backend = create_backend("onnxruntime", model, max_batch_size=args.batch_size, log=cli.log)
         results = {"single": median_fps(len(paths), lambda: single_pass(backend, paths, args.batch_size),

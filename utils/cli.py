@@ -56,6 +56,20 @@ def apply_trt_module(args: argparse.Namespace) -> None:
         os.environ["SSD_TRT_MODULE"] = args.trt_module
 
 
+def add_voc_args(parser: argparse.ArgumentParser, limit: int | None = None) -> None:
+    parser.add_argument("-d", "--voc-dir", type=Path, default=None,
+                        help="VOCdevkit/VOC2007 folder (default: $VOC_DIR, else WORKSPACE/VOCdevkit/VOC2007)")
+    parser.add_argument("--limit", type=int, default=limit,
+                        help="the first N image ids only" + (f" (default {limit})" if limit else ""))
+
+
+def voc_dataset(args: argparse.Namespace, split: str = "test"):
+    """The VOC dataset that -d/--voc-dir and --limit name (one-line UserError when it is missing)."""
+    from utils.voc import default_voc_dir, load_dataset  # noqa: PLC0415
+
+    return load_dataset(args.voc_dir or default_voc_dir(args.workspace), split, args.limit)
+
+
 def add_nms_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("NMS (defaults: the graph's / pipeline.config's values)")
     group.add_argument("--score-threshold", type=float, help="confidence below which boxes are dropped before NMS")
