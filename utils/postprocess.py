@@ -9,7 +9,9 @@ clipped to [0, 1] with zero-area ones dropped, the best keep_top_k kept, in NMS_
 
 from __future__ import annotations
 
+import array_api_compat
 import numpy as np
+from array_api_compat import is_torch_namespace
 
 from utils.ssd_spec import NmsSpec
 
@@ -117,3 +119,139 @@ def multiclass_nms(boxes: np.ndarray, scores: np.ndarray, nms: NmsSpec, max_cand
         detections[image, :rows, 3:] = clipped[image, indices[order]][:, [1, 0, 3, 2]]
         num_detections[image] = rows
     return detections, num_detections
+
+
+# --- The same NMS on whole batches, for numpy arrays or torch tensors (CPU or CUDA) --------------------
+
+MAX_CANDIDATES = 4096   # [N, T, T] pairs; beyond this the per-class loop is cheaper
+
+
+def _top_candidates(xp, flat_scores, count: int):
+    """Indices of the ``count`` best entries of each row (any order; ties at the edge arbitrary)."""
+    if is_torch_namespace(xp):
+        return flat_scores.topk(count, dim=1, sorted=False).indices
+    return np.argpartition(-flat_scores, count - 1, axis=1)[:, :count]
+
+
+def _greedy_keep(xp, suppresses, alive):
+    """Greedy NMS of boxes already sorted by score, all rows at once (Cluster-NMS's fixed point).
+
+    ``suppresses`` [N, T, T]: box i would suppress box j (i < j); ``alive`` [N, T]. A box is kept
+    when no kept box before it suppresses it. Iterating keep <- alive & ~any(suppresses & keep)
+    from keep = alive settles on that greedy answer (after at most the longest suppression chain)
+    and stops changing there (Zheng et al., "Enhancing Geometric Factors in Model Learning and
+    Inference for Object Detection and Instance Segmentation", 2021, section 4).
+    """
+    keep = alive
+    for _ in range(suppresses.shape[-1] + 1):
+        suppressed = xp.any(suppresses & keep[:, :, None], axis=1)
+        settled = alive & ~suppressed
+        if bool(xp.all(settled == keep)):
+            break
+        keep = settled
+    return keep
+
+
+def _batch_nms(xp, boxes, scores, nms: NmsSpec, candidates: int):
+    """One pass of batched_multiclass_nms over the ``candidates`` best (class, box) pairs of each image.
+
+    Returns (detections [N, keep, 7], num_detections [N], exact [N] bool): ``exact`` is False where
+    a box outside the candidates could have changed the answer.
+    """
+    count, anchors, classes = scores.shape
+    keep_count = min(nms.keep_top_k, anchors * (classes - 1))
+    flat = xp.reshape(xp.permute_dims(scores[:, :, 1:], (0, 2, 1)), (count, -1))   # class-major: c * A + a
+    total = flat.shape[1]
+    candidates = min(candidates, total)
+    if candidates < total:
+        picked = _top_candidates(xp, flat, candidates)
+        picked = xp.take_along_axis(picked, xp.argsort(picked, axis=1), axis=1)   # index order, then
+    else:                                                                        # a stable sort by score:
+        picked = xp.broadcast_to(xp.arange(total, device=_device(flat))[None], (count, total))
+    score = xp.take_along_axis(flat, picked, axis=1)                             # ties -> lower class, anchor
+    order = xp.argsort(-score, axis=1, stable=True)
+    picked, score = xp.take_along_axis(picked, order, axis=1), xp.take_along_axis(score, order, axis=1)
+    label, anchor = picked // anchors, picked % anchors
+    box = xp.take_along_axis(boxes, xp.broadcast_to(anchor[:, :, None], (count, candidates, 4)), axis=1)
+    alive = score > nms.score_threshold
+
+    # IoU of every candidate pair, with the arithmetic of iou_rows (row = the earlier, kept box).
+    low, high = xp.minimum(box[..., :2], box[..., 2:]), xp.maximum(box[..., :2], box[..., 2:])
+    height = xp.clip(xp.minimum(high[:, :, None, 0], high[:, None, :, 0])
+                     - xp.maximum(low[:, :, None, 0], low[:, None, :, 0]), min=0)
+    width = xp.clip(xp.minimum(high[:, :, None, 1], high[:, None, :, 1])
+                    - xp.maximum(low[:, :, None, 1], low[:, None, :, 1]), min=0)
+    inter = height * width
+    side = high - low
+    area = side[..., 0] * side[..., 1]
+    union = area[:, :, None] + area[:, None, :] - inter
+    overlaps = xp.where(union > 0, inter / xp.where(union > 0, union, xp.ones_like(union)), xp.zeros_like(inter))
+    position = xp.arange(candidates, device=_device(flat))
+    before = position[:, None] < position[None, :]
+    same_class = label[:, :, None] == label[:, None, :]
+    kept = _greedy_keep(xp, (overlaps > nms.iou_threshold) & same_class & before, alive)
+
+    # TF's order of filters: at most top_k per class, then boxes with no area after clipping dropped.
+    rank_in_class = xp.sum(same_class & before & kept[:, :, None], axis=1)
+    clipped = xp.clip(box, min=0.0, max=1.0)
+    has_area = (clipped[..., 2] - clipped[..., 0]) * (clipped[..., 3] - clipped[..., 1]) > 0
+    valid = kept & (rank_in_class < nms.top_k) & has_area
+    rank = xp.cumulative_sum(xp.astype(valid, xp.int64), axis=1) - 1
+    final = valid & (rank < keep_count)
+    found = xp.sum(xp.astype(final, xp.int64), axis=1)
+
+    last_score = xp.max(xp.where(valid & (rank == keep_count - 1), score, xp.full_like(score, -np.inf)), axis=1)
+    alive_total = xp.sum(xp.astype(flat > nms.score_threshold, xp.int64), axis=1)
+    exact = (alive_total <= candidates) | (last_score > score[:, -1])
+
+    rows = xp.argsort(xp.astype(~final, xp.int8), axis=1, stable=True)[:, :keep_count]
+    if rows.shape[1] < keep_count:
+        rows = xp.concat([rows, xp.zeros((count, keep_count - rows.shape[1]), dtype=rows.dtype,
+                                         device=_device(rows))], axis=1)
+    used = xp.arange(keep_count, device=_device(flat))[None, :] < found[:, None]
+    zero = xp.zeros((count, keep_count), dtype=xp.float32, device=_device(flat))
+    image_id = xp.broadcast_to(xp.astype(xp.arange(count, device=_device(flat)), xp.float32)[:, None],
+                               (count, keep_count))
+    out_label = xp.where(used, xp.astype(xp.take_along_axis(label, rows, axis=1) + 1, xp.float32), zero - 1)
+    out_score = xp.where(used, xp.take_along_axis(score, rows, axis=1), zero)
+    corners = [xp.where(used, xp.take_along_axis(clipped[..., k], rows, axis=1), zero) for k in (1, 0, 3, 2)]
+    detections = xp.stack([image_id, out_label, out_score, *corners], axis=-1)
+    return detections, xp.astype(found, xp.int32), exact
+
+
+def _device(array):
+    return array_api_compat.device(array)
+
+
+def batched_multiclass_nms(boxes, scores, nms: NmsSpec, candidates: int = 256):
+    """``multiclass_nms`` (TF semantics) on a whole batch at once; numpy arrays or torch tensors.
+
+    Only the best ``candidates`` (class, box) pairs of an image take part: the answer is the same
+    as ``multiclass_nms``'s whenever the last kept detection outscores every pair left out, or
+    nothing was left out; images where that does not hold are done again with 4x the candidates,
+    and past MAX_CANDIDATES by ``multiclass_nms`` itself, so the result is always the same. Returns
+    (detections [N, keep_top_k, 7] float32, num_detections [N] int32) in the inputs' array type
+    and device.
+    """
+    xp = array_api_compat.array_namespace(boxes, scores)
+    if candidates > MAX_CANDIDATES:
+        host = [np.asarray(array_api_compat.to_device(a, "cpu")) for a in (boxes, scores)]
+        return tuple(xp.asarray(a, device=_device(boxes)) for a in multiclass_nms(*host, nms))
+    if not is_torch_namespace(xp) and len(scores) > 8:   # numpy: bound the [N, T, T] temporaries
+        parts = [batched_multiclass_nms(boxes[i:i + 8], scores[i:i + 8], nms, candidates)
+                 for i in range(0, len(scores), 8)]
+        detections = np.concatenate([part[0] for part in parts])
+        detections[..., 0] = np.arange(len(detections))[:, None]
+        return detections, np.concatenate([part[1] for part in parts])
+    detections, found, exact = _batch_nms(xp, boxes, scores, nms, candidates)
+    redo = np.flatnonzero(~np.asarray(array_api_compat.to_device(exact, "cpu")))
+    if not redo.size:
+        return detections, found
+    selection = xp.asarray(redo, device=_device(boxes))
+    sub_boxes, sub_scores = xp.take(boxes, selection, axis=0), xp.take(scores, selection, axis=0)
+    again, again_found = batched_multiclass_nms(sub_boxes, sub_scores, nms, candidates * 4)
+    for slot, image in enumerate(redo.tolist()):
+        detections[image] = again[slot]
+        detections[image, :, 0] = image
+        found[image] = again_found[slot]
+    return detections, found

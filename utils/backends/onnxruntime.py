@@ -21,7 +21,7 @@ from utils.backends.base import Backend
 from utils.converter import NmsOverrides, convert
 from utils.models import ResolvedModel
 from utils.onnx_export import BOXES, DETECTIONS, INPUT, NUM_DETECTIONS, SCORES
-from utils.postprocess import multiclass_nms
+from utils.postprocess import batched_multiclass_nms
 
 
 def session_options(flavour: str) -> ort.SessionOptions:
@@ -123,7 +123,7 @@ class OnnxRuntimeBackend(Backend):
     def detect(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         outputs = self.run_network(batch)
         if self.flavour == "core":
-            return multiclass_nms(*outputs, self.spec.nms)
+            return batched_multiclass_nms(*outputs, self.spec.nms)
         detections, num_detections = outputs
         return detections, num_detections
 

@@ -2,7 +2,7 @@
 
 Buffers (device + pinned host staging) are allocated once for the maximum batch; each ``detect``
 copies in, runs ``execute_async_v3`` and copies out on one stream. For the ``core`` flavour the NMS
-runs on the host (utils.postprocess.multiclass_nms), as TensorRT-RTX cannot build NonMaxSuppression.
+runs on the host (utils.postprocess.batched_multiclass_nms), as TensorRT-RTX cannot build NonMaxSuppression.
 """
 
 from __future__ import annotations
@@ -153,9 +153,9 @@ class TensorRTBackend(Backend):
         cuda_call(self.cudart.cudaStreamSynchronize(self.stream))
         first, second = (buffer.host[:count].copy() for buffer in outputs)
         if self.flavour == "core":
-            from utils.postprocess import multiclass_nms  # noqa: PLC0415
+            from utils.postprocess import batched_multiclass_nms  # noqa: PLC0415
 
-            return multiclass_nms(first, second, self.spec.nms)
+            return batched_multiclass_nms(first, second, self.spec.nms)
         return first, second
 
     def close(self) -> None:
