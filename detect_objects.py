@@ -23,6 +23,7 @@ from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, UserError
 from utils.files import atomic_path, write_text_atomic
 from utils.labels import label_map_for, label_name
 from utils.models import resolve_model
+from utils.pipeline import DECODE_NAMES, default_workers, resolve_decode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,10 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(several inputs; default WORKSPACE/detections)")
     parser.add_argument("--json", type=Path, help="write all detections above the threshold as COCO results JSON")
     cli.add_flavour_arg(parser)
+    cli.add_decode_arg(parser)
     cli.add_trt_module_arg(parser)
     cli.add_nms_args(parser)
     cli.add_ray_args(parser)
     args = parser.parse_args(argv)
+    if args.ray and args.decode == "gpu":
+        parser.error("--decode gpu runs in this process; Ray workers decode on the CPU (drop --decode gpu or --ray)")
     if args.max_batch_size < 1:
         parser.error("--max-batch-size must be at least 1")
     if not 0.0 <= args.threshold <= 1.0:
@@ -65,9 +69,13 @@ def detect_here(args: argparse.Namespace, inputs: InputList, single: bool, failu
     model = resolve_model(args.model, args.workspace)
     backend = create_backend(args.backend, model, args.precision, args.max_batch_size,
                              cli.nms_overrides(args), cli.log, args.flavour)
-    print("\n".join(backend.settings()) + "\n", flush=True)
+    decode = resolve_decode(args.decode, backend)
+    print("\n".join(backend.settings() + [f"  * Image decode - {DECODE_NAMES[decode]}"]) + "\n", flush=True)
     labels = label_map_for(model.labels, backend.spec.num_classes)
-    for result in detect_images(backend, inputs.files, args.max_batch_size):
+    on_cpu = []
+    for result in detect_images(backend, inputs.files, args.max_batch_size, decode, default_workers()):
+        if decode == "gpu" and result.cpu_reason:
+            on_cpu.append(result)
         if result.error:
             cli.log(f"error: {result.error}")
             failures.append(result)
@@ -90,6 +98,10 @@ def detect_here(args: argparse.Namespace, inputs: InputList, single: bool, failu
         print(f"{backend.name} inference time: {result.inference_ms:.0f} ms{batch_note}")
         print(f"Total time taken for one image: {per_image:.0f} ms")
         print(f"Saved output image to: {target}\n", flush=True)
+    if on_cpu:
+        print(f"{len(on_cpu)} of {len(inputs.files)} images decoded on the CPU instead of the GPU: "
+              + "; ".join(f"{result.path.name} ({result.cpu_reason})" for result in on_cpu[:5])
+              + (" ..." if len(on_cpu) > 5 else ""))
     return coco
 
 

@@ -21,7 +21,7 @@ from utils.converter import cache_key, check_options
 from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED
 from utils.labels import VOC_CLASSES, label_map_for
 from utils.models import resolve_model
-from utils.pipeline import default_workers
+from utils.pipeline import DECODE_NAMES, default_workers, resolve_decode
 from utils.voc import Detection, VocDataset, detections_to_voc, evaluate, mean_ap
 
 EVAL_BACKENDS = [name for name in BACKENDS if name != "auto"]
@@ -43,9 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest |mAP difference| in AP points that --compare accepts (default 0.5)")
     parser.add_argument("--plot", action="store_true", help="write a PR-curve PNG into the results folder")
     cli.add_flavour_arg(parser)
+    cli.add_decode_arg(parser)
     cli.add_trt_module_arg(parser)
     cli.add_ray_args(parser)
     args = parser.parse_args(argv)
+    if args.ray and args.decode == "gpu":
+        parser.error("--decode gpu runs in this process; Ray workers decode on the CPU (drop --decode gpu or --ray)")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be at least 1")
     if args.workers is None:
@@ -57,7 +60,8 @@ def evaluate_backend(name: str, args, model, dataset):
     """Detections of one backend (run or cached) -> (ClassAp list, RunStats, label map, results folder)."""
     folder = ev.results_dir(args.workspace, model.name, name, args.precision)
     flavour = None if name == "tensorflow" else args.flavour
-    key = ev.run_key(dataset, cache_key(model, flavour or "portable", args.precision), name, args.precision)
+    decode = "cpu" if name == "tensorflow" or args.ray else args.decode
+    key = ev.run_key(dataset, cache_key(model, flavour or "portable", args.precision), name, args.precision, decode)
     cached = None if args.force else ev.load_cached(folder, dataset.split, key)
     if cached is None and args.ray:
         detections, stats, labels = detect_on_ray(name, args, model, dataset, flavour, key)
@@ -65,7 +69,8 @@ def evaluate_backend(name: str, args, model, dataset):
     elif cached is None:
         backend = create_backend(name, model, args.precision, args.batch_size, log=cli.log, flavour=flavour)
         labels = label_map_for(model.labels, backend.spec.num_classes)
-        detections, stats = ev.run_detections(backend, dataset, labels, args.batch_size, args.workers)
+        detections, stats = ev.run_detections(backend, dataset, labels, args.batch_size, args.workers,
+                                              resolve_decode(decode, backend))
         detections = ev.save_detections(folder, dataset.split, key, detections, stats)
     else:
         cli.log(f"Using cached {name} detections from {folder} (-f to run again)")
@@ -112,7 +117,9 @@ def print_report(name: str, args, model, dataset, results, stats, detectable) ->
               f"{stats.inference_fps:.1f} images/s inference only)")
     else:
         print(f"End to end: {stats.end_to_end_fps:.1f} images/s; inference only: {stats.inference_fps:.1f} images/s "
-              f"(batch {args.batch_size}, {args.workers} decode workers)")
+              f"(batch {args.batch_size}, {args.workers} read/decode workers)")
+    print(f"Image decode: {DECODE_NAMES[stats.decode]}" + (f"; {stats.cpu_decoded} images decoded on the CPU "
+                                                           f"instead (not JPEG, CMYK, ...)" if stats.cpu_decoded else ""))
     return score
 
 

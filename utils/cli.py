@@ -40,8 +40,15 @@ def add_flavour_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flavour", choices=(*FLAVOURS, "auto"), default=None, action=_AutoIsNone,
                         help="ONNX flavour the converted backends run: portable (standard ONNX ops), "
                              "trt-plugins (GridAnchor/FlattenConcat/NMS_TRT; onnxruntime runs plugin/'s reference "
-                             "ops), core (no NMS inside; numpy NMS after), auto (default: portable for "
+                             "ops), core (no NMS inside; batched NMS after, on the GPU with --decode gpu), auto (default: portable for "
                              "onnxruntime; for tensorrt trt-plugins up to TRT 10, portable for 11, core for RTX)")
+
+
+def add_decode_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="where JPEGs are decoded and resized: cpu (Pillow + numpy, threads), gpu (nvJPEG via "
+                             "torchvision, resize on the GPU, batch handed to the engine on the device; needs the "
+                             "onnxruntime backend on CUDA), auto (default: gpu when both are there, else cpu)")
 
 
 def add_trt_module_arg(parser: argparse.ArgumentParser) -> None:

@@ -12,8 +12,7 @@ from PIL import Image
 
 from utils.backends.base import Backend, valid_rows
 from utils.draw import box_to_pixels
-from utils.errors import ImageError
-from utils.preprocess import load_image, preprocess
+from utils.pipeline import input_batches
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -29,6 +28,7 @@ class ImageResult:
     inference_ms: float = 0.0              # the batch's inference time
     batch_size: int = 1
     total_ms: float = 0.0                  # read + preprocess + inference for the batch
+    cpu_reason: str | None = None          # decode gpu: why the CPU decoded it instead
 
 
 @dataclass
@@ -55,30 +55,27 @@ def collect_images(arguments: list[str]) -> InputList:
     return found
 
 
-def detect_images(backend: Backend, files: list[Path], batch_size: int) -> Iterator[ImageResult]:
-    """Yield one ImageResult per file, in input order; unreadable files carry an error."""
-    size = backend.spec.input_size
-    for start in range(0, len(files), batch_size):
-        began = time.perf_counter()
-        results, tensors = [], []
-        for path in files[start:start + batch_size]:
-            try:
-                image = load_image(path)
-            except ImageError as exc:
-                results.append(ImageResult(path, error=str(exc)))
-                continue
-            results.append(ImageResult(path, image=image))
-            tensors.append(preprocess(image, size))
-        loaded = [r for r in results if r.image is not None]
+def detect_images(backend: Backend, files: list[Path], batch_size: int, decode: str = "cpu",
+                  workers: int = 0) -> Iterator[ImageResult]:
+    """Yield one ImageResult per file, in input order; unreadable files carry an error.
+
+    ``decode`` (cpu | gpu) and ``workers`` choose the input path (utils.pipeline.input_batches).
+    """
+    began = time.perf_counter()
+    for batch in input_batches(files, batch_size, backend.spec.input_size, workers, decode, keep_images=True):
+        results = [ImageResult(item.path, image=item.image, error=item.error, cpu_reason=item.cpu_reason)
+                   for item in batch.items]
+        loaded = [r for r in results if r.error is None]
         if loaded:
             infer_start = time.perf_counter()
-            detections, counts = backend.detect(np.stack(tensors))
+            detections, counts = backend.detect(batch.tensor)
             inference_ms = (time.perf_counter() - infer_start) * 1000
             total_ms = (time.perf_counter() - began) * 1000
             for index, result in enumerate(loaded):
                 result.rows = valid_rows(detections[index], counts[index])
                 result.inference_ms, result.total_ms, result.batch_size = inference_ms, total_ms, len(loaded)
         yield from results
+        began = time.perf_counter()
 
 
 def coco_results(path: Path, rows: np.ndarray, size: tuple[int, int], threshold: float) -> list[dict]:

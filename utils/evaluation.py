@@ -10,13 +10,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from tqdm import tqdm
 
 from utils.backends.base import Backend, valid_rows
 from utils.files import atomic_path, write_text_atomic
 from utils.labels import COCO_TO_VOC, VOC_CLASSES
-from utils.pipeline import load_batches
+from utils.pipeline import input_batches
 from utils.voc import ClassAp, Detection, VocDataset, detections_to_voc, read_results, write_results
 
 RESULTS_KEY = "run.json"
@@ -32,6 +31,8 @@ class RunStats:
     inference_seconds: float
     num_classes: int = 0              # of the model, so that cached results can be labelled
     cached: bool = False
+    decode: str = "cpu"               # where the JPEGs were decoded: cpu | gpu
+    cpu_decoded: int = 0              # decode gpu: images the CPU decoded instead (not JPEG, CMYK, ...)
 
     @property
     def end_to_end_fps(self) -> float:
@@ -51,11 +52,11 @@ def detectable_classes(label_map: dict[int, str]) -> set[str]:
     return {COCO_TO_VOC[name] for name in label_map.values() if name in COCO_TO_VOC}
 
 
-def run_key(dataset: VocDataset, model_key: dict, backend: str, precision: str) -> dict:
+def run_key(dataset: VocDataset, model_key: dict, backend: str, precision: str, decode: str = "cpu") -> dict:
     """What the cached detections depend on: the images, the model and how it was run."""
     ids = hashlib.sha256(" ".join(image.image_id for image in dataset.images).encode()).hexdigest()
     return {"voc_dir": str(dataset.root.resolve()), "split": dataset.split, "image_ids_sha256": ids,
-            "model": model_key, "backend": backend, "precision": precision}
+            "model": model_key, "backend": backend, "precision": precision, "decode": decode}
 
 
 def load_cached(folder: Path, split: str, key: dict) -> tuple[dict[str, list[Detection]], RunStats] | None:
@@ -71,30 +72,32 @@ def load_cached(folder: Path, split: str, key: dict) -> tuple[dict[str, list[Det
 
 
 def run_detections(backend: Backend, dataset: VocDataset, label_map: dict[int, str], batch_size: int,
-                   workers: int) -> tuple[dict[str, list[Detection]], RunStats]:
-    """Detect on every image of the dataset; returns detections by VOC class and the timing."""
+                   workers: int, decode: str = "cpu") -> tuple[dict[str, list[Detection]], RunStats]:
+    """Detect on every image of the dataset (JPEGs decoded on the ``decode`` = cpu | gpu path);
+    returns detections by VOC class and the timing."""
     by_class: dict[str, list[Detection]] = {name: [] for name in VOC_CLASSES}
-    failed, inference = [], 0.0
+    failed, inference, cpu_decoded = [], 0.0, 0
     ids = {image.path: image.image_id for image in dataset.images}
     started = time.perf_counter()
     with tqdm(total=len(dataset.images), desc=f"{backend.name} {backend.precision}", unit="img",
               file=sys.stderr) as progress:
-        for batch in load_batches([image.path for image in dataset.images], batch_size,
-                                  backend.spec.input_size, workers):
-            loaded = [item for item in batch if item.tensor is not None]
-            failed.extend(item.error for item in batch if item.tensor is None)
+        for batch in input_batches([image.path for image in dataset.images], batch_size,
+                                   backend.spec.input_size, workers, decode):
+            loaded = [item for item in batch.items if item.error is None]
+            failed.extend(item.error for item in batch.items if item.error is not None)
+            cpu_decoded += batch.cpu_decoded
             if loaded:
                 infer_start = time.perf_counter()
-                detections, counts = backend.detect(np.stack([item.tensor for item in loaded]))
+                detections, counts = backend.detect(batch.tensor)
                 inference += time.perf_counter() - infer_start
                 for index, item in enumerate(loaded):
                     rows = valid_rows(detections[index], counts[index])
                     for name, found in detections_to_voc(rows, *item.size, label_map).items():
                         by_class[name].extend((ids[item.path], *map(float, row)) for row in found)
-            progress.update(len(batch))
+            progress.update(len(batch.items))
     stats = RunStats(images=len(dataset.images) - len(failed), failed=failed,
                      seconds=time.perf_counter() - started, inference_seconds=inference,
-                     num_classes=backend.spec.num_classes)
+                     num_classes=backend.spec.num_classes, decode=decode, cpu_decoded=cpu_decoded)
     return by_class, stats
 
 

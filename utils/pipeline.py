@@ -4,23 +4,29 @@ Workers are threads running ``utils.preprocess`` (the one preprocessing function
 decoder and numpy's array operations release the GIL, so they run in parallel without copying
 every decoded tensor between processes (measured: worker processes capped the H100 machine at
 about 210 images/s by pickling 1 MB per image). Results keep the input order.
+
+``input_batches`` is the one entry point of the scripts: ``decode="cpu"`` is this module's path,
+``decode="gpu"`` is utils.gpu_input's (nvJPEG; imported only then).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from utils.errors import ImageError
+from utils.errors import ImageError, UserError
 from utils.preprocess import load_image, preprocess
 
 PREFETCH_BATCHES = 2
+DECODE_CHOICES = ("auto", "cpu", "gpu")
+DECODE_NAMES = {"cpu": "CPU (Pillow, TF's resize in numpy)", "gpu": "GPU (nvJPEG, TF's resize on the GPU)"}
 
 
 @dataclass
@@ -32,6 +38,7 @@ class LoadedImage:
     size: tuple[int, int] | None = None     # original (width, height), after EXIF rotation
     image: Image.Image | None = None        # the RGB original, when asked for (for drawing)
     error: str | None = None
+    cpu_reason: str | None = None           # decode gpu: why the CPU decoded this file instead
 
 
 def load_one(path: Path, input_size: tuple[int, int], keep_image: bool = False) -> LoadedImage:
@@ -71,3 +78,58 @@ def load_batches(paths: Sequence[Path], batch_size: int, input_size: tuple[int, 
             pending.extend(pool.submit(load_one, path, input_size, keep_images) for path in more)
             submitted += len(more)
             yield [future.result() for future in batch]
+
+
+@dataclass
+class InputBatch:
+    """One batch of inputs: every file (in order, unreadable ones with .error) and the tensor of the
+    readable ones."""
+
+    items: list[LoadedImage]
+    tensor: object = None                 # float32 [n_readable, 3, H, W]: numpy, or a CUDA torch tensor
+    cpu_decoded: int = 0                  # decode gpu: files the CPU path decoded instead
+    cpu_reasons: list[str] = field(default_factory=list)
+
+
+def gpu_decoder_installed() -> bool:
+    """torch and torchvision are installed and torch sees a CUDA GPU (imports torch: call only when needed)."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+        return False
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.is_available()
+
+
+def resolve_decode(choice: str, backend) -> str:
+    """"auto" | "cpu" | "gpu" -> "cpu" or "gpu" for this backend; UserError when gpu cannot be had.
+
+    auto = gpu when the backend takes CUDA input and a GPU decoder is installed; on a CPU backend
+    torch is never imported.
+    """
+    if choice == "cpu":
+        return "cpu"
+    takes_cuda = getattr(backend, "takes_device_input", False)
+    if choice == "auto":
+        return "gpu" if takes_cuda and gpu_decoder_installed() else "cpu"
+    if choice != "gpu":
+        raise UserError(f"unknown --decode '{choice}'; choose one of {', '.join(DECODE_CHOICES)}")
+    if not takes_cuda:
+        raise UserError(f"--decode gpu needs a backend that runs on CUDA and takes GPU input (onnxruntime with "
+                        f"its CUDA provider); {backend.name} runs on {backend.device} here; use --decode cpu")
+    if not gpu_decoder_installed():
+        raise UserError("--decode gpu needs torch and torchvision built with CUDA (nvJPEG) and a GPU; "
+                        "install them or use --decode cpu")
+    return "gpu"
+
+
+def input_batches(paths: Sequence[Path], batch_size: int, input_size: tuple[int, int], workers: int = 0,
+                  decode: str = "cpu", keep_images: bool = False) -> Iterator[InputBatch]:
+    """Files -> InputBatch of up to ``batch_size``, in input order, decoded on the CPU or the GPU."""
+    if decode == "gpu":
+        from utils.gpu_input import GpuImageLoader  # noqa: PLC0415
+
+        yield from GpuImageLoader(input_size, workers or 1, keep_images).batches(paths, batch_size)
+        return
+    for batch in load_batches(paths, batch_size, input_size, workers, keep_images):
+        readable = [item.tensor for item in batch if item.tensor is not None]
+        yield InputBatch(batch, np.stack(readable) if readable else None)

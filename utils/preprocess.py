@@ -1,7 +1,8 @@
 """Image file -> network input tensor: the one place where images are read and preprocessed.
 
-Steps, in this order: RGB, Pillow bilinear resize to ``INPUT_SIZE``, ``x * 2/255 - 1`` in
-float32, HWC -> CHW.
+Steps, in this order: RGB (EXIF orientation applied), TF's legacy bilinear resize to
+``INPUT_SIZE``, ``x * 2/255 - 1`` in float32, HWC -> CHW. utils.gpu_input does the same steps on
+the GPU with the same taps (``legacy_taps``) and arithmetic.
 """
 
 import os
@@ -85,8 +86,8 @@ def resize_for_network(image: Image.Image, size: tuple[int, int] = INPUT_SIZE) -
     pixels = np.asarray(image)
     in_height, in_width = pixels.shape[:2]
     width, height = size
-    rows0, rows1, y_lerp = _legacy_taps(in_height, height)
-    cols0, cols1, x_lerp = _legacy_taps(in_width, width)
+    (rows0,), (rows1,), (y_lerp,) = legacy_taps([in_height], height)
+    (cols0,), (cols1,), (x_lerp,) = legacy_taps([in_width], width)
     # Work on [rows, width * 3] so that column taps are plain 2-D takes (much faster than 3-D fancy indexing).
     flat = pixels.reshape(in_height, in_width * 3)
     channel = np.arange(3)
@@ -101,12 +102,19 @@ def resize_for_network(image: Image.Image, size: tuple[int, int] = INPUT_SIZE) -
     return (top + (bottom - top) * y_lerp[:, None]).reshape(height, width, 3)
 
 
-def _legacy_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices (lower, upper) and weights of TF's legacy bilinear resize along one axis."""
-    source = np.arange(out_size, dtype=np.float32) * np.float32(in_size / out_size)
-    lower = np.floor(source).astype(np.int64)
-    upper = np.minimum(lower + 1, in_size - 1)
-    return lower, upper, (source - lower).astype(np.float32)
+def legacy_taps(in_sizes: list[int], out_size: int, xp=np, device=None):
+    """Source indices (lower, upper) [N, out] and weights [N, out] of TF's legacy bilinear resize
+    along one axis, for N input lengths at once; ``xp`` is numpy or an array-API namespace (torch).
+
+    source = index x float32(in / out), lower = floor(source), upper = min(lower + 1, in - 1),
+    weight = source - lower, all in float32.
+    """
+    ratios = xp.asarray([size / out_size for size in in_sizes], dtype=xp.float32, device=device)
+    source = xp.arange(out_size, dtype=xp.float32, device=device)[None, :] * ratios[:, None]
+    lower_float = xp.floor(source)
+    lower = xp.astype(lower_float, xp.int64)
+    last = xp.asarray(in_sizes, dtype=xp.int64, device=device)[:, None] - 1
+    return lower, xp.minimum(lower + 1, last), source - lower_float
 
 
 def to_network_input(pixels: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ class Backend(abc.ABC):
     """One way of running an SSD model.
 
     ``detect`` takes float32 [N, 3, H, W] images in [-1, 1] (utils.preprocess) with
-    N <= max_batch_size and returns ``detections`` float32 [N, K, 7] (DETECTION_FIELDS, normalised
+    N <= max_batch_size (a numpy array; a CUDA torch tensor too where ``takes_device_input``) and returns ``detections`` float32 [N, K, 7] (DETECTION_FIELDS, normalised
     coordinates, sorted by confidence) and ``num_detections`` int32 [N].
     """
 
@@ -26,6 +26,11 @@ class Backend(abc.ABC):
     max_batch_size: int
     spec: SsdSpec
     device: str          # e.g. "CPU", "CUDA"
+
+    @property
+    def takes_device_input(self) -> bool:
+        """Whether ``detect`` accepts a batch already on the GPU (utils.gpu_input)."""
+        return False
 
     @abc.abstractmethod
     def detect(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,13 @@
 """ONNX Runtime backend: a converted ONNX flavour, on CUDA when available, else on the CPU.
 
 ``portable`` runs as is; ``trt-plugins`` runs with plugin/'s reference ops registered;
-``core`` is followed by the numpy NMS of utils.postprocess.
+``core`` is followed by utils.postprocess.batched_multiclass_nms (numpy, or torch on the GPU).
 
 Runs go through I/O binding with input and output buffers allocated once per batch size on the
 session's device. On CUDA, ``cuda_graph=True`` captures a CUDA graph (ONNX Runtime's
 enable_cuda_graph): batches are then padded to max_batch_size so that the shapes and addresses
-never change.
+never change. On CUDA, ``detect`` also takes a torch CUDA tensor (``--decode gpu``): its buffers
+are then torch tensors bound by address, and the core flavour's NMS runs on the GPU.
 """
 
 from __future__ import annotations
@@ -67,6 +68,35 @@ class BoundRunner:
         return [value.numpy()[:count] for value in self.outputs.values()]
 
 
+class DeviceRunner:
+    """One batch size, input already on the GPU: torch-allocated buffers bound to the session by address."""
+
+    def __init__(self, session: ort.InferenceSession, input_shape: list[int],
+                 outputs: dict[str, tuple[list[int], type]]):
+        import torch  # noqa: PLC0415  (only with --decode gpu)
+
+        self.torch, self.session = torch, session
+        self.input = torch.zeros(input_shape, dtype=torch.float32, device="cuda")
+        self.outputs = {name: torch.empty(shape, dtype=torch.float32 if dtype == np.float32 else torch.int32,
+                                          device="cuda") for name, (shape, dtype) in outputs.items()}
+        device = self.input.device.index or 0
+        self.binding = session.io_binding()
+        self.binding.bind_input(INPUT, "cuda", device, np.float32, input_shape, self.input.data_ptr())
+        for name, (shape, dtype) in outputs.items():
+            self.binding.bind_output(name, "cuda", device, dtype, shape, self.outputs[name].data_ptr())
+
+    def run(self, batch) -> list:
+        """Outputs for the CUDA tensor ``batch`` (padded with zeros), as CUDA tensors (views, valid
+        until the next run)."""
+        count = len(batch)
+        self.input[:count].copy_(batch)
+        if count < len(self.input):
+            self.input[count:].zero_()
+        self.torch.cuda.current_stream().synchronize()     # ONNX Runtime runs on its own stream
+        self.session.run_with_iobinding(self.binding)       # returns once its outputs are written
+        return [value[:count] for value in self.outputs.values()]
+
+
 @dataclass
 class OnnxRuntimeBackend(Backend):
     session: ort.InferenceSession = None
@@ -120,7 +150,25 @@ class OnnxRuntimeBackend(Backend):
                                              self._outputs(size))
         return self.runners[size].run(batch)
 
-    def detect(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def takes_device_input(self) -> bool:
+        return self.device == "CUDA"
+
+    def run_network_on_device(self, batch) -> list:
+        """The graph's outputs, as CUDA tensors, for a batch that is a CUDA torch tensor."""
+        size = self.max_batch_size if self.cuda_graph else len(batch)
+        key = ("device", size)
+        if key not in self.runners:
+            width, height = self.spec.input_size
+            self.runners[key] = DeviceRunner(self.session, [size, 3, height, width], self._outputs(size))
+        return self.runners[key].run(batch)
+
+    def detect(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(batch, np.ndarray):
+            outputs = self.run_network_on_device(batch)
+            if self.flavour == "core":
+                outputs = batched_multiclass_nms(*outputs, self.spec.nms)
+            return tuple(value.cpu().numpy() for value in outputs)
         outputs = self.run_network(batch)
         if self.flavour == "core":
             return batched_multiclass_nms(*outputs, self.spec.nms)

@@ -1,0 +1,188 @@
+"""--decode: the JPEG header check and EXIF orientation (any machine), the CPU machine's behaviour
+(torch never imported, a clear error for --decode gpu), and on a CUDA machine with torch the GPU
+input path against the CPU one (skipped elsewhere)."""
+
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from conftest import IMAGES_DIR, REPO_ROOT, WORKSPACE
+from utils.jpeg import ORIENTATIONS, orient, read_jpeg_header
+from utils.preprocess import legacy_taps, load_image, preprocess
+
+PHOTO = IMAGES_DIR / "person.jpg"
+
+
+def _jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def odd_files(folder: Path) -> dict[str, Path]:
+    """Files of every kind the GPU path must route: name -> path (written into ``folder``)."""
+    photo = Image.open(PHOTO).convert("RGB").resize((240, 180))
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    png, bmp = io.BytesIO(), io.BytesIO()
+    photo.save(png, "PNG")
+    photo.save(bmp, "BMP")
+    whole = _jpeg(photo, quality=90)
+    contents = {"baseline.jpg": whole, "subsampling444.jpg": _jpeg(photo, quality=90, subsampling=0),
+                "grey.jpg": _jpeg(photo.convert("L")), "progressive.jpg": _jpeg(photo, progressive=True),
+                "rotated.jpg": _jpeg(photo, exif=exif.tobytes()), "cmyk.jpg": _jpeg(photo.convert("CMYK")),
+                "png_named.jpg": png.getvalue(), "bitmap.bmp": bmp.getvalue(), "truncated.jpg": whole[:len(whole) // 2],
+                "garbage.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9", "empty.jpg": b""}
+    paths = {}
+    for name, data in contents.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    return paths
+
+
+EXPECTED_ROUTE = {"baseline.jpg": None, "subsampling444.jpg": None, "grey.jpg": None, "progressive.jpg": None,
+                  "rotated.jpg": None, "cmyk.jpg": "4-channel (CMYK?) JPEG", "png_named.jpg": "not a JPEG",
+                  "bitmap.bmp": "not a JPEG", "truncated.jpg": "no JPEG end-of-image marker (truncated?)",
+                  "garbage.jpg": "malformed JPEG markers", "empty.jpg": "not a JPEG"}
+
+
+def test_jpeg_header_routes_what_nvjpeg_cannot_take(tmp_path):
+    for name, path in odd_files(tmp_path).items():
+        header = read_jpeg_header(path.read_bytes())
+        assert header.cpu_reason == EXPECTED_ROUTE[name], name
+        assert header.orientation == (6 if name == "rotated.jpg" else 1), name
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_orientation_matches_pillows_exif_transpose(orientation, tmp_path):
+    photo = Image.open(PHOTO).convert("RGB").resize((64, 48))
+    exif = photo.getexif()
+    exif[0x0112] = orientation
+    data = _jpeg(photo, quality=95, subsampling=0, exif=exif.tobytes())
+    header = read_jpeg_header(data)
+    assert header.orientation == orientation
+    raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")).transpose(2, 0, 1)
+    np.testing.assert_array_equal(orient(raw, header.orientation), upright)
+
+
+def test_batched_taps_equal_one_image_taps():
+    sizes = [1, 17, 299, 300, 301, 375, 500, 1999]
+    lower, upper, weight = legacy_taps(sizes, 300)
+    for row, size in enumerate(sizes):
+        (one_lower,), (one_upper,), (one_weight,) = legacy_taps([size], 300)
+        np.testing.assert_array_equal(lower[row], one_lower)
+        np.testing.assert_array_equal(upper[row], one_upper)
+        np.testing.assert_array_equal(weight[row], one_weight)
+        assert upper[row].max() <= size - 1 and lower[row].min() == 0
+
+
+def test_cpu_backend_never_imports_torch(pedestrian_onnx):
+    """--decode auto with a CPU backend: the CPU path, and torch is never imported."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from utils.backends.onnxruntime import OnnxRuntimeBackend
+from utils.pipeline import input_batches, resolve_decode
+backend = OnnxRuntimeBackend.from_onnx({str(pedestrian_onnx.onnx_path)!r}, None, "FP32", 2, "portable", use_cuda=False)
+decode = resolve_decode("auto", backend)
+batches = list(input_batches([{str(PHOTO)!r}] * 3, 2, (300, 300), 2, decode))
+assert decode == "cpu" and [len(b.items) for b in batches] == [2, 1], decode
+assert "torch" not in sys.modules, "torch was imported"
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_decode_gpu_on_a_cpu_backend_is_one_clear_line(pedestrian_onnx, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "detect_objects.py"), str(PHOTO), "--decode", "gpu",
+                             "--backend", "onnxruntime", "-m", "ssdlite_mobilenet_v2_pedestrian", "-w", str(WORKSPACE),
+                             "-o", str(tmp_path / "out.jpg")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if "Device - CUDA" in result.stdout:
+        pytest.skip("ONNX Runtime runs on CUDA here")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "--decode cpu" in errors[0], result.stderr
+    assert not (tmp_path / "out.jpg").exists()
+
+
+# --- on a CUDA machine with torch + torchvision -------------------------------------------------------
+
+def _cuda_torch():
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torch / torchvision are not installed (the GPU input path needs them)")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return torch
+
+
+def test_gpu_resize_equals_cpu_resize_on_the_same_pixels():
+    """Same decoded pixels in: the GPU resize + scaling gives the CPU's floats."""
+    torch = _cuda_torch()
+    from utils.gpu_input import resize_to_network
+
+    images = [Image.open(PHOTO).convert("RGB").resize(size) for size in ((500, 375), (353, 500), (300, 300),
+                                                                          (64, 900), (1000, 40))]
+    on_gpu = [torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()).cuda() for image in images]
+    got = resize_to_network(on_gpu, (300, 300)).cpu().numpy()
+    expected = np.stack([preprocess(image) for image in images])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_gpu_loader_keeps_order_and_routes_odd_files(tmp_path):
+    """Every input once, in order; unreadable ones with the CPU path's error; CPU-decoded ones
+    bit-identical to the CPU path; nvJPEG-decoded ones within nvJPEG's rounding of it."""
+    _cuda_torch()
+    from utils.pipeline import input_batches, load_one
+
+    paths = list(odd_files(tmp_path).values()) + [PHOTO, tmp_path / "missing.jpg"]
+    batches = list(input_batches(paths, 4, (300, 300), 3, "gpu"))
+    items = [item for batch in batches for item in batch.items]
+    assert [item.path for item in items] == paths
+    assert sum(batch.cpu_decoded for batch in batches) == sum(item.cpu_reason is not None for item in items)
+    for batch in batches:
+        good = [item for item in batch.items if item.error is None]
+        assert (batch.tensor is None and not good) or batch.tensor.shape[0] == len(good)
+        for item, tensor in zip(good, batch.tensor.cpu().numpy() if good else []):
+            reference = load_one(item.path, (300, 300))
+            assert reference.error is None and item.size == reference.size, item.path
+            if item.cpu_reason:
+                np.testing.assert_array_equal(tensor, reference.tensor)
+            else:
+                assert np.abs(tensor - reference.tensor).mean() < 0.03, item.path     # ~1.5 grey levels of 255
+    errors = {item.path.name: item.error for item in items if item.error}
+    assert set(errors) == {"truncated.jpg", "garbage.jpg", "empty.jpg", "missing.jpg"}
+    for name, error in errors.items():
+        assert error == load_one(tmp_path / name, (300, 300)).error
+
+
+def test_device_input_and_gpu_nms_equal_the_host_path():
+    """ONNX Runtime on CUDA fed a CUDA tensor (core flavour + NMS in torch) == fed the same numpy batch
+    (core graphs already converted into workspace/models, read with their sidecar JSON: no TensorFlow)."""
+    torch = _cuda_torch()
+    import json
+
+    from utils.backends.onnxruntime import OnnxRuntimeBackend
+    from utils.converter import spec_from_dict
+
+    graphs = sorted((WORKSPACE / "models").glob("*/*_core_FP32.onnx"))
+    if not graphs:
+        pytest.skip("no core FP32 graph converted in workspace/models")
+    batch = np.stack([preprocess(load_image(path)) for path in sorted(IMAGES_DIR.glob("*.jpg"))])
+    for graph in graphs:
+        spec = spec_from_dict(json.loads(graph.with_suffix(".json").read_text())["spec"])
+        backend = OnnxRuntimeBackend.from_onnx(str(graph), spec, "FP32", len(batch), "core")
+        if not backend.takes_device_input:
+            pytest.skip("ONNX Runtime has no CUDA provider here")
+        host, host_counts = backend.detect(batch)
+        device, device_counts = backend.detect(torch.from_numpy(batch).cuda())
+        np.testing.assert_array_equal(device_counts, host_counts)
+        np.testing.assert_allclose(device, host, rtol=0, atol=1e-6)
