@@ -186,3 +186,22 @@ def test_device_input_and_gpu_nms_equal_the_host_path():
         device, device_counts = backend.detect(torch.from_numpy(batch).cuda())
         np.testing.assert_array_equal(device_counts, host_counts)
         np.testing.assert_allclose(device, host, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("classes,candidates", [(2, 256), (91, 256), (91, 8)])
+def test_batched_nms_in_torch_on_the_gpu_equals_the_reference(classes, candidates):
+    """The same array-API code on CUDA tensors: the numpy reference's detections."""
+    torch = _cuda_torch()
+    from test_postprocess import _random_outputs
+
+    from utils.postprocess import batched_multiclass_nms, multiclass_nms
+    from utils.ssd_spec import NmsSpec
+
+    nms = NmsSpec(score_threshold=1e-8, iou_threshold=0.6, top_k=100, keep_top_k=100)
+    boxes, scores = _random_outputs(classes, 9, 1917, classes, False)
+    expected, expected_counts = multiclass_nms(boxes, scores, nms)
+    got, counts = batched_multiclass_nms(torch.from_numpy(boxes).cuda(), torch.from_numpy(scores).cuda(), nms,
+                                         candidates)
+    assert got.is_cuda
+    np.testing.assert_array_equal(counts.cpu().numpy(), expected_counts)
+    np.testing.assert_array_equal(got.cpu().numpy(), expected)
