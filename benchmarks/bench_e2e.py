@@ -75,10 +75,11 @@ def main() -> int:
     parser.add_argument("onnx", type=Path, help="a converted graph with its sidecar .json beside it")
     parser.add_argument("--images", type=Path, help="folder of JPEGs for the speed table")
     parser.add_argument("--batches", default="1,64,256")
-    parser.add_argument("--repeat", type=int, default=5, help="passes over the images per gpu / all-core row")
+    parser.add_argument("--repeat", type=int, default=5, help="passes over the images in the gpu rows (batch > 1)")
     parser.add_argument("--paths", default="cpu1,cpu,gpu", help="rows: cpu1 (one decode thread), cpu (all cores), gpu")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds of the engine-only figure")
     parser.add_argument("--nhwc", action="store_true", help="CUDA provider prefer_nhwc")
+    parser.add_argument("--cuda-graph", action="store_true", help="ONNX Runtime CUDA graphs (CUDA only)")
     parser.add_argument("--voc", type=Path, help="also the VOC AP with decode cpu vs gpu on this VOC2007 folder")
     parser.add_argument("--labels", choices=("coco", "person"), default=None, help="label set for --voc")
     parser.add_argument("--json", type=Path, default=Path("bench_e2e.json"))
@@ -91,25 +92,31 @@ def main() -> int:
     if args.images:
         images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
         for batch in (int(b) for b in args.batches.split(",")):
-            backend = OnnxRuntimeBackend.from_onnx(str(args.onnx), spec, key["precision"], batch, key["flavour"],
-                                                   prefer_nhwc=args.nhwc)
+            def session() -> OnnxRuntimeBackend:       # one per row: a CUDA graph is bound to its buffers
+                return OnnxRuntimeBackend.from_onnx(str(args.onnx), spec, key["precision"], batch, key["flavour"],
+                                                    cuda_graph=args.cuda_graph, prefer_nhwc=args.nhwc)
+
+            backend = session()
             engine = batch / statistics.median(measure(backend, batch, args.seconds, 10))
             row = {"batch": batch, "device": backend.device, "engine_img_per_s": engine}
             for path in args.paths.split(","):
+                backend = session()
                 decode, workers = ("cpu", 1) if path == "cpu1" else (path, cores)
-                passes = 1 if path == "cpu1" or batch == 1 else args.repeat
+                passes = args.repeat if path == "gpu" and batch > 1 else 1
                 result = end_to_end(backend, images * passes, batch, workers, resolve_decode(decode, backend))
                 row[path] = {**result, "workers": workers, "outside_engine": 1 - result["img_per_s"] / engine}
             rows.append(row)
             print(json.dumps(row), flush=True)
     machine = f"{gpu_name()}, {os.cpu_count()} CPU cores"
-    print(f"\n{args.onnx.name}: {key['flavour']} {key['precision']}, nhwc={args.nhwc}; {machine}; {date.today()}")
+    print(f"\n{args.onnx.name}: {key['flavour']} {key['precision']}, nhwc={args.nhwc}, cuda_graph={args.cuda_graph}; "
+          f"{machine}; {date.today()}")
     paths = args.paths.split(",")
     print(f"{'batch':>6}{'engine img/s':>14}" + "".join(f"{p + ' img/s':>13}{'outside':>9}" for p in paths))
     for row in rows:
         print(f"{row['batch']:>6}{row['engine_img_per_s']:>14.0f}" + "".join(
             f"{row[p]['img_per_s']:>13.0f}{row[p]['outside_engine'] * 100:>8.0f}%" for p in paths))
     report = {"onnx": args.onnx.name, "flavour": key["flavour"], "precision": key["precision"], "nhwc": args.nhwc,
+              "cuda_graph": args.cuda_graph,
               "machine": machine, "date": date.today().isoformat(), "rows": rows}
     if args.voc:
         report["voc"] = voc_ap(args.onnx, spec, key["precision"], key["flavour"], args.voc, args.labels, 64, cores)

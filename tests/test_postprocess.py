@@ -21,7 +21,8 @@ def _random_outputs(seed: int, images: int, anchors: int, classes: int, coarse: 
 
 
 @pytest.mark.parametrize("classes,coarse,candidates", [
-    (2, False, 256), (2, True, 16), (91, False, 256), (91, True, 64), (91, False, 4), (21, False, 5000)])
+    (2, False, 256), (2, True, 16), (91, False, 256), (91, True, 64), (91, False, 4), (21, False, 5000),
+    (91, False, 2048)])   # 2048: two images per chunk
 def test_batched_nms_equals_reference_on_random_outputs(classes, coarse, candidates):
     """Random boxes (some outside the image, some with no area, corners swapped), ties, tiny
     candidate counts that force the wider second pass, and a count past MAX_CANDIDATES."""

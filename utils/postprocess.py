@@ -124,6 +124,8 @@ def multiclass_nms(boxes: np.ndarray, scores: np.ndarray, nms: NmsSpec, max_cand
 # --- The same NMS on whole batches, for numpy arrays or torch tensors (CPU or CUDA) --------------------
 
 MAX_CANDIDATES = 4096   # [N, T, T] pairs; beyond this the per-class loop is cheaper
+PAIRS_PER_CHUNK = 2 ** 23          # images x candidates^2 per pass: numpy (~32 MB per float32 temporary)
+PAIRS_PER_CHUNK_TORCH = 2 ** 28    # torch (~1 GB per temporary on the GPU)
 
 
 def _top_candidates(xp, flat_scores, count: int):
@@ -237,12 +239,13 @@ def batched_multiclass_nms(boxes, scores, nms: NmsSpec, candidates: int = 256):
     if candidates > MAX_CANDIDATES:
         host = [np.asarray(array_api_compat.to_device(a, "cpu")) for a in (boxes, scores)]
         return tuple(xp.asarray(a, device=_device(boxes)) for a in multiclass_nms(*host, nms))
-    if not is_torch_namespace(xp) and len(scores) > 8:   # numpy: bound the [N, T, T] temporaries
-        parts = [batched_multiclass_nms(boxes[i:i + 8], scores[i:i + 8], nms, candidates)
-                 for i in range(0, len(scores), 8)]
-        detections = np.concatenate([part[0] for part in parts])
-        detections[..., 0] = np.arange(len(detections))[:, None]
-        return detections, np.concatenate([part[1] for part in parts])
+    per_chunk = max(1, (PAIRS_PER_CHUNK_TORCH if is_torch_namespace(xp) else PAIRS_PER_CHUNK) // candidates ** 2)
+    if len(scores) > per_chunk:                          # bound the [N, T, T] temporaries
+        parts = [batched_multiclass_nms(boxes[i:i + per_chunk], scores[i:i + per_chunk], nms, candidates)
+                 for i in range(0, len(scores), per_chunk)]
+        detections = xp.concat([part[0] for part in parts])
+        detections[..., 0] = xp.astype(xp.arange(detections.shape[0], device=_device(boxes)), xp.float32)[:, None]
+        return detections, xp.concat([part[1] for part in parts])
     detections, found, exact = _batch_nms(xp, boxes, scores, nms, candidates)
     redo = np.flatnonzero(~np.asarray(array_api_compat.to_device(exact, "cpu")))
     if not redo.size:

@@ -144,6 +144,8 @@ class OnnxRuntimeBackend(Backend):
     def run_network(self, batch: np.ndarray) -> list[np.ndarray]:
         """The ONNX graph's outputs for one batch (the engine alone, for benchmarks)."""
         size = self.max_batch_size if self.cuda_graph else len(batch)
+        if self.cuda_graph and self.runners and size not in self.runners:
+            raise RuntimeError("this session captured a CUDA graph on GPU input; use another backend for host input")
         if size not in self.runners:
             width, height = self.spec.input_size
             self.runners[size] = BoundRunner(self.session, self.device.lower(), [size, 3, height, width],
@@ -158,6 +160,8 @@ class OnnxRuntimeBackend(Backend):
         """The graph's outputs, as CUDA tensors, for a batch that is a CUDA torch tensor."""
         size = self.max_batch_size if self.cuda_graph else len(batch)
         key = ("device", size)
+        if self.cuda_graph and self.runners and key not in self.runners:
+            raise RuntimeError("this session captured a CUDA graph on host input; use another backend for GPU input")
         if key not in self.runners:
             width, height = self.spec.input_size
             self.runners[key] = DeviceRunner(self.session, [size, 3, height, width], self._outputs(size))
