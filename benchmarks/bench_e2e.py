@@ -16,6 +16,7 @@ file and its sidecar JSON (no TensorFlow), so it runs on the GPU machine. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,7 +41,7 @@ def end_to_end(backend: OnnxRuntimeBackend, paths: list[Path], batch: int, worke
     first batch arrives (its wait, which includes starting the decode processes, is reported apart)."""
     for warm in input_batches(paths[:batch], batch, backend.spec.input_size, workers, decode):
         backend.detect(warm.tensor)
-    count, on_cpu, began = 0, 0, time.perf_counter()
+    count, on_cpu, hardware, began = 0, 0, 0, time.perf_counter()
     started = None
     for loaded in input_batches(paths, batch, backend.spec.input_size, workers, decode):
         if started is None:                  # steady state: timed from the first batch's arrival
@@ -48,10 +49,24 @@ def end_to_end(backend: OnnxRuntimeBackend, paths: list[Path], batch: int, worke
         else:
             count += len(loaded.items)
         backend.detect(loaded.tensor)
-        on_cpu += loaded.cpu_decoded
+        on_cpu, hardware = on_cpu + loaded.cpu_decoded, hardware + loaded.hardware_decoded
     seconds = time.perf_counter() - started
     return {"images": count, "seconds": seconds, "img_per_s": count / seconds, "cpu_decoded": on_cpu,
-            "first_batch_s": startup}
+            "hardware_decoded": hardware, "first_batch_s": startup}
+
+
+@contextlib.contextmanager
+def gpu_decoder(path: str):
+    """Row "gpu-cuda": torchvision's nvJPEG on CUDA only (SSD_NVJPEG_HARDWARE=0); "gpu": the default."""
+    saved = os.environ.get("SSD_NVJPEG_HARDWARE")
+    if path == "gpu-cuda":
+        os.environ["SSD_NVJPEG_HARDWARE"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("SSD_NVJPEG_HARDWARE", None)
+        if saved is not None:
+            os.environ["SSD_NVJPEG_HARDWARE"] = saved
 
 
 def voc_ap(onnx: Path, spec, precision: str, flavour: str, voc: Path, labels: str | None, batch: int,
@@ -65,15 +80,17 @@ def voc_ap(onnx: Path, spec, precision: str, flavour: str, voc: Path, labels: st
     label_map = label_map_for(labels, spec.num_classes)
     detectable = ev.detectable_classes(label_map)
     report = {}
-    for decode in ("cpu", "gpu"):
+    for path in ("cpu", "gpu", "gpu-cuda"):
         backend = OnnxRuntimeBackend.from_onnx(str(onnx), spec, precision, batch, flavour)
-        detections, stats = ev.run_detections(backend, dataset, label_map, batch, workers,
-                                              resolve_decode(decode, backend))
+        with gpu_decoder(path):
+            detections, stats = ev.run_detections(backend, dataset, label_map, batch, workers,
+                                                  resolve_decode(path.split("-")[0], backend))
         results = evaluate(dataset, detections)
-        report[decode] = {"mAP": mean_ap(results, detectable), "images": stats.images,
+        report[path] = {"mAP": mean_ap(results, detectable), "images": stats.images,
                           "cpu_decoded": stats.cpu_decoded,
                           "ap": {r.name: r.ap for r in results if r.name in detectable}}
     report["delta_points"] = (report["gpu"]["mAP"] - report["cpu"]["mAP"]) * 100
+    report["delta_points_gpu_cuda"] = (report["gpu-cuda"]["mAP"] - report["cpu"]["mAP"]) * 100
     return report
 
 
@@ -83,7 +100,9 @@ def main() -> int:
     parser.add_argument("--images", type=Path, help="folder of JPEGs for the speed table")
     parser.add_argument("--batches", default="1,64,256")
     parser.add_argument("--repeat", type=int, default=5, help="passes over the images in the gpu rows (batch > 1)")
-    parser.add_argument("--paths", default="cpu1,cpu,gpu", help="rows: cpu1 (one decode thread), cpu (all cores), gpu")
+    parser.add_argument("--paths", default="cpu1,cpu,gpu,gpu-cuda",
+                        help="rows: cpu1 (one decode thread), cpu (all cores), gpu (hardware nvJPEG if installed), "
+                             "gpu-cuda (torchvision's nvJPEG on CUDA)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds of the engine-only figure")
     parser.add_argument("--nhwc", action="store_true", help="CUDA provider prefer_nhwc")
     parser.add_argument("--cuda-graph", action="store_true", help="ONNX Runtime CUDA graphs (CUDA only)")
@@ -108,9 +127,10 @@ def main() -> int:
             row = {"batch": batch, "device": backend.device, "engine_img_per_s": engine}
             for path in args.paths.split(","):
                 backend = session()
-                decode, workers = ("cpu", 1) if path == "cpu1" else (path, cores)
-                passes = args.repeat if path == "gpu" and batch > 1 else 1
-                result = end_to_end(backend, images * passes, batch, workers, resolve_decode(decode, backend))
+                decode, workers = ("cpu", 1) if path == "cpu1" else (path.split("-")[0], cores)
+                passes = args.repeat if decode == "gpu" and batch > 1 else 1
+                with gpu_decoder(path):
+                    result = end_to_end(backend, images * passes, batch, workers, resolve_decode(decode, backend))
                 row[path] = {**result, "workers": workers, "outside_engine": 1 - result["img_per_s"] / engine}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -129,7 +149,8 @@ def main() -> int:
         report["voc"] = voc_ap(args.onnx, spec, key["precision"], key["flavour"], args.voc, args.labels, 64, cores)
         print(f"VOC mAP decode cpu {report['voc']['cpu']['mAP']:.4f}, gpu {report['voc']['gpu']['mAP']:.4f}: "
               f"delta {report['voc']['delta_points']:+.2f} points ({report['voc']['gpu']['cpu_decoded']} images "
-              f"decoded on the CPU by the gpu path)")
+              f"decoded on the CPU by the gpu path); gpu-cuda (torchvision) {report['voc']['gpu-cuda']['mAP']:.4f}, "
+              f"delta {report['voc']['delta_points_gpu_cuda']:+.2f}")
     write_text_atomic(args.json, json.dumps(report, indent=1))
     return 0
 

@@ -70,6 +70,8 @@ def test_orientation_matches_pillows_exif_transpose(orientation, tmp_path):
     raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1)
     upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")).transpose(2, 0, 1)
     np.testing.assert_array_equal(orient(raw, header.orientation), upright)
+    np.testing.assert_array_equal(orient(raw.transpose(1, 2, 0), header.orientation, channels_last=True),
+                                  upright.transpose(1, 2, 0))
 
 
 def test_batched_taps_equal_one_image_taps():
@@ -131,7 +133,7 @@ def test_gpu_resize_equals_cpu_resize_on_the_same_pixels():
 
     images = [Image.open(PHOTO).convert("RGB").resize(size) for size in ((500, 375), (353, 500), (300, 300),
                                                                           (64, 900), (1000, 40))]
-    on_gpu = [torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()).cuda() for image in images]
+    on_gpu = [torch.from_numpy(np.asarray(image).copy()).cuda() for image in images]   # [H, W, 3]
     got = resize_to_network(on_gpu, (300, 300)).cpu().numpy()
     expected = np.stack([preprocess(image) for image in images])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
@@ -158,6 +160,10 @@ def test_gpu_loader_keeps_order_and_routes_odd_files(tmp_path):
                 np.testing.assert_array_equal(tensor, reference.tensor)
             else:
                 assert np.abs(tensor - reference.tensor).mean() < 0.03, item.path     # ~1.5 grey levels of 255
+    from utils.gpu_input import hardware_decoder
+
+    if hardware_decoder() is not None:     # baseline JPEGs go to the GPU's hardware engines
+        assert sum(batch.hardware_decoded for batch in batches) >= 3
     errors = {item.path.name: item.error for item in items if item.error}
     assert set(errors) == {"truncated.jpg", "garbage.jpg", "empty.jpg", "missing.jpg"}
     for name, error in errors.items():

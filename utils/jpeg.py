@@ -82,12 +82,13 @@ def read_jpeg_header(data) -> JpegHeader:
     return JpegHeader(None, orientation if orientation in ORIENTATIONS else 1)
 
 
-def orient(image, orientation: int):
-    """Apply an EXIF orientation to one [C, H, W] image (numpy array or torch tensor), as
-    ImageOps.exif_transpose does to the decoded picture."""
+def orient(image, orientation: int, channels_last: bool = False):
+    """Apply an EXIF orientation to one image, [C, H, W] or (``channels_last``) [H, W, C], numpy
+    array or torch tensor, as ImageOps.exif_transpose does to the decoded picture."""
     swap, flips = ORIENTATIONS[orientation]
+    order, flips = ((1, 0, 2), tuple(axis - 1 for axis in flips)) if channels_last else ((0, 2, 1), flips)
     if isinstance(image, np.ndarray):
-        image = image.transpose(0, 2, 1) if swap else image
+        image = image.transpose(order) if swap else image
         return np.flip(image, flips) if flips else image
-    image = image.permute(0, 2, 1) if swap else image
+    image = image.permute(order) if swap else image
     return image.flip(flips) if flips else image

@@ -26,7 +26,9 @@ from utils.preprocess import load_image, preprocess
 
 PREFETCH_BATCHES = 2
 DECODE_CHOICES = ("auto", "cpu", "gpu")
-DECODE_NAMES = {"cpu": "CPU (Pillow, TF's resize in numpy)", "gpu": "GPU (nvJPEG, TF's resize on the GPU)"}
+DECODE_NAMES = {"cpu": "CPU (Pillow, TF's resize in numpy)",
+                "gpu": "GPU (nvJPEG: hardware engines via nvImageCodec if installed, else CUDA via torchvision; "
+                       "TF's resize on the GPU)"}
 
 
 @dataclass
@@ -89,6 +91,7 @@ class InputBatch:
     tensor: object = None                 # float32 [n_readable, 3, H, W]: numpy, or a CUDA torch tensor
     cpu_decoded: int = 0                  # decode gpu: files the CPU path decoded instead
     cpu_reasons: list[str] = field(default_factory=list)
+    hardware_decoded: int = 0             # decode gpu: files the GPU's hardware JPEG engines decoded
 
 
 def gpu_decoder_installed() -> bool:
