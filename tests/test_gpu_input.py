@@ -211,3 +211,18 @@ def test_batched_nms_in_torch_on_the_gpu_equals_the_reference(classes, candidate
     assert got.is_cuda
     np.testing.assert_array_equal(counts.cpu().numpy(), expected_counts)
     np.testing.assert_array_equal(got.cpu().numpy(), expected)
+
+
+def test_gpu_loader_keeps_the_decoded_pictures_for_drawing(tmp_path):
+    """keep_images (detect_objects draws on them): upright RGB pictures equal to the CPU's decode."""
+    _cuda_torch()
+    from utils.pipeline import input_batches
+
+    paths = [path for name, path in odd_files(tmp_path).items() if EXPECTED_ROUTE[name] is None]
+    items = [item for batch in input_batches(paths, 2, (300, 300), 1, "gpu", keep_images=True) for item in batch.items]
+    assert [item.path for item in items] == paths
+    for item in items:
+        reference = load_image(item.path)
+        assert item.image.mode == "RGB" and item.image.size == reference.size == item.size, item.path
+        difference = np.abs(np.asarray(item.image, np.int16) - np.asarray(reference, np.int16)).mean()
+        assert difference < 2.5, (item.path, difference)
