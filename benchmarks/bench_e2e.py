@@ -46,8 +46,7 @@ def end_to_end(backend: OnnxRuntimeBackend, paths: list[Path], batch: int, worke
     for loaded in input_batches(paths, batch, backend.spec.input_size, workers, decode):
         if started is None:                  # steady state: timed from the first batch's arrival
             startup, started = time.perf_counter() - began, time.perf_counter()
-        else:
-            count += len(loaded.items)
+        count += len(loaded.items)
         backend.detect(loaded.tensor)
         on_cpu, hardware = on_cpu + loaded.cpu_decoded, hardware + loaded.hardware_decoded
     seconds = time.perf_counter() - started
@@ -108,9 +107,13 @@ def main() -> int:
     parser.add_argument("--cuda-graph", action="store_true", help="ONNX Runtime CUDA graphs (CUDA only)")
     parser.add_argument("--voc", type=Path, help="also the VOC AP with decode cpu vs gpu on this VOC2007 folder")
     parser.add_argument("--labels", choices=("coco", "person"), default=None, help="label set for --voc")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval for the run (the GIL hand-over period; Python's default 0.005 s)")
     parser.add_argument("--json", type=Path, default=Path("bench_e2e.json"))
     args = parser.parse_args()
 
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     sidecar = json.loads(args.onnx.with_suffix(".json").read_text(encoding="utf-8"))
     spec, key = spec_from_dict(sidecar["spec"]), sidecar["key"]
     cores = os.cpu_count() or 1
@@ -143,7 +146,7 @@ def main() -> int:
         print(f"{row['batch']:>6}{row['engine_img_per_s']:>14.0f}" + "".join(
             f"{row[p]['img_per_s']:>13.0f}{row[p]['outside_engine'] * 100:>8.0f}%" for p in paths))
     report = {"onnx": args.onnx.name, "flavour": key["flavour"], "precision": key["precision"], "nhwc": args.nhwc,
-              "cuda_graph": args.cuda_graph,
+              "cuda_graph": args.cuda_graph, "switch_interval": sys.getswitchinterval(),
               "machine": machine, "date": date.today().isoformat(), "rows": rows}
     if args.voc:
         report["voc"] = voc_ap(args.onnx, spec, key["precision"], key["flavour"], args.voc, args.labels, 64, cores)

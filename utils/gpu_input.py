@@ -38,7 +38,7 @@ from utils.preprocess import legacy_taps
 _SCALE = np.float32(2 / 255)
 # Reader threads: more only add GIL contention with the decode thread and the caller (measured on the
 # 16-core H100 machine, loader alone at batch 256: 1 thread 4 170 images/s, 2: 3 700, 4: 3 000, 8: 2 440).
-READ_WORKERS = 1
+READ_WORKERS = int(os.environ.get("SSD_GPU_READ_THREADS", "1"))    # 0: read in the decode thread
 
 
 def hardware_decoder():
@@ -106,7 +106,7 @@ class GpuImageLoader:
     def __init__(self, input_size: tuple[int, int], workers: int = 4, keep_images: bool = False,
                  device: str = "cuda", use_hardware: bool = True):
         self.input_size = input_size
-        self.workers = max(1, min(workers, READ_WORKERS))
+        self.workers = max(0, min(workers, READ_WORKERS))
         self.keep_images = keep_images
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
@@ -206,24 +206,35 @@ class GpuImageLoader:
         """
         return self._batches_from_thread(list(paths), batch_size)
 
+    def _reads(self, pool: ThreadPoolExecutor, paths: list[Path], batch_size: int) -> Iterator[list[_Read]]:
+        """The files read, batch by batch: by the reader threads ahead of time, or here (workers=0)."""
+        if self.workers == 0:
+            for start in range(0, len(paths), batch_size):
+                yield [self._read(path) for path in paths[start:start + batch_size]]
+            return
+        window = [pool.submit(self._read, path) for path in paths[:batch_size * PREFETCH_BATCHES]]
+        submitted = len(window)
+        while window:
+            batch, window = window[:batch_size], window[batch_size:]
+            more = paths[submitted:submitted + len(batch)]
+            window.extend(pool.submit(self._read, path) for path in more)
+            submitted += len(more)
+            yield [future.result() for future in batch]
+
     def _batches_from_thread(self, paths: list[Path], batch_size: int) -> Iterator[InputBatch]:
         """Reading runs ahead in threads and the GPU work of the next batch overlaps the caller's
-        work on this one (a producer thread, its own stream). Measured on the H100 machine: the
-        threads share one GIL with the caller, so this feeds an engine at ~750-2 800 images/s."""
+        work on this one (a producer thread, its own stream)."""
         ready: Queue = Queue(maxsize=PREFETCH_BATCHES)
         stop = threading.Event()
 
         def produce() -> None:
             try:
-                with ThreadPoolExecutor(self.workers, thread_name_prefix="read") as pool, torch.cuda.stream(self.stream):
-                    window = [pool.submit(self._read, path) for path in paths[:batch_size * PREFETCH_BATCHES]]
-                    submitted = len(window)
-                    while window and not stop.is_set():
-                        batch, window = window[:batch_size], window[batch_size:]
-                        more = paths[submitted:submitted + len(batch)]
-                        window.extend(pool.submit(self._read, path) for path in more)
-                        submitted += len(more)
-                        built = self._to_batch([future.result() for future in batch])
+                with ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="read") as pool, \
+                        torch.cuda.stream(self.stream):
+                    for reads in self._reads(pool, paths, batch_size):
+                        if stop.is_set():
+                            break
+                        built = self._to_batch(reads)
                         self.stream.synchronize()
                         ready.put(built)
                 ready.put(None)
