@@ -47,8 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_nms_args(parser)
     cli.add_ray_args(parser)
     args = parser.parse_args(argv)
-    if args.ray and args.decode == "gpu":
-        parser.error("--decode gpu runs in this process; Ray workers decode on the CPU (drop --decode gpu or --ray)")
+    cli.check_decode_arg(parser, args)
     if args.max_batch_size < 1:
         parser.error("--max-batch-size must be at least 1")
     if not 0.0 <= args.threshold <= 1.0:
@@ -74,7 +73,7 @@ def detect_here(args: argparse.Namespace, inputs: InputList, single: bool, failu
     labels = label_map_for(model.labels, backend.spec.num_classes)
     on_cpu = []
     for result in detect_images(backend, inputs.files, args.max_batch_size, decode, default_workers()):
-        if decode == "gpu" and result.cpu_reason:
+        if result.cpu_reason:                       # decode gpu: the CPU decoded this one
             on_cpu.append(result)
         if result.error:
             cli.log(f"error: {result.error}")

@@ -47,8 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_trt_module_arg(parser)
     cli.add_ray_args(parser)
     args = parser.parse_args(argv)
-    if args.ray and args.decode == "gpu":
-        parser.error("--decode gpu runs in this process; Ray workers decode on the CPU (drop --decode gpu or --ray)")
+    cli.check_decode_arg(parser, args)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be at least 1")
     if args.workers is None:

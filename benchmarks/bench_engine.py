@@ -29,7 +29,6 @@ import onnx  # noqa: E402
 from utils.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from utils.converter import spec_from_dict  # noqa: E402
 from utils.files import write_text_atomic  # noqa: E402
-from utils.pipeline import default_workers  # noqa: E402
 
 
 def conv_flops_per_image(onnx_path: Path) -> float:
@@ -74,7 +73,7 @@ def measure(backend: OnnxRuntimeBackend, batch: int, seconds: float, warmup: int
     rng = np.random.default_rng(0)
     width, height = backend.spec.input_size
     backend.run_network(rng.uniform(-1, 1, (batch, 3, height, width)).astype(np.float32))
-    runner = backend.runners[backend.max_batch_size if backend.cuda_graph else batch]
+    runner = backend.runner(batch)
     for _ in range(warmup):
         backend.session.run_with_iobinding(runner.binding)
     times, deadline = [], time.perf_counter() + seconds
@@ -107,22 +106,6 @@ def compare_with_cpu(onnx_path: Path, spec, key: dict, folder: Path) -> dict:
     return {"images": len(paths), "same_counts": True, "max_score_diff": score, "max_box_diff": box}
 
 
-def end_to_end(onnx_path: Path, spec, key: dict, folder: Path, batch: int, repeat: int, workers: int) -> dict:
-    """Images/s from JPEG files to detections: parallel decode + resize, engine, NMS (whole pipeline)."""
-    from utils.pipeline import load_batches  # noqa: PLC0415
-
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")) * repeat
-    backend = OnnxRuntimeBackend.from_onnx(str(onnx_path), spec, key["precision"], batch, key["flavour"])
-    width, height = spec.input_size
-    backend.detect(np.zeros((batch, 3, height, width), np.float32))  # warm-up: algorithms chosen, buffers bound
-    start, count = time.perf_counter(), 0
-    for loaded in load_batches(paths, batch, spec.input_size, workers):
-        backend.detect(np.stack([item.tensor for item in loaded if item.tensor is not None]))
-        count += len(loaded)
-    seconds = time.perf_counter() - start
-    return {"images": count, "batch": batch, "workers": workers, "seconds": seconds, "img_per_s": count / seconds}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("onnx", type=Path, help="a converted graph with its sidecar .json beside it")
@@ -134,11 +117,6 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=Path("bench_engine.json"))
     parser.add_argument("--check-cpu", type=Path, metavar="IMAGES",
                         help="also compare the device's detections with the CPU's on these photos")
-    parser.add_argument("--e2e", type=Path, metavar="IMAGES",
-                        help="also measure files -> detections (decode workers + engine + NMS) on these JPEGs")
-    parser.add_argument("--e2e-batch", type=int, default=64)
-    parser.add_argument("--e2e-repeat", type=int, default=1, help="pass over the images this many times")
-    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: all cores)")
     args = parser.parse_args()
 
     sidecar = json.loads(args.onnx.with_suffix(".json").read_text(encoding="utf-8"))
@@ -166,12 +144,6 @@ def main() -> int:
         print(f"device vs CPU on {report['cpu_check']['images']} photos: same counts "
               f"{report['cpu_check']['same_counts']}, max |score| {report['cpu_check']['max_score_diff']:.2e}, "
               f"max |box| {report['cpu_check']['max_box_diff']:.2e}")
-    if args.e2e:
-        report["end_to_end"] = end_to_end(args.onnx, spec, key, args.e2e, args.e2e_batch, args.e2e_repeat,
-                                          args.workers if args.workers is not None else default_workers())
-        e2e = report["end_to_end"]
-        print(f"end to end (files -> detections), {e2e['images']} images, batch {e2e['batch']}, "
-              f"{e2e['workers']} decode workers: {e2e['img_per_s']:.1f} img/s")
     write_text_atomic(args.json, json.dumps({**report, "onnx": args.onnx.name, "flavour": key["flavour"],
                                              "precision": key["precision"], "gflop_per_image": flops / 1e9,
                                              "cuda_graph": args.cuda_graph, "nhwc": args.nhwc, "machine": machine,

@@ -45,10 +45,19 @@ def add_flavour_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decode_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="where JPEGs are decoded and resized: cpu (Pillow + numpy, threads), gpu (nvJPEG via "
-                             "torchvision, resize on the GPU, batch handed to the engine on the device; needs the "
-                             "onnxruntime backend on CUDA), auto (default: gpu when both are there, else cpu)")
+    from utils.pipeline import DECODE_CHOICES  # noqa: PLC0415
+
+    parser.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
+                        help="where JPEGs are decoded and resized: cpu (Pillow + numpy, threads), gpu (nvJPEG on "
+                             "the GPU's hardware engines via nvImageCodec, else on CUDA via torchvision; resize and "
+                             "NMS on the GPU, the batch handed to the engine on the device; needs the onnxruntime "
+                             "backend on CUDA), auto (default: gpu when both are there, else cpu)")
+
+
+def check_decode_arg(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--decode gpu needs this process: Ray's workers decode on the CPU."""
+    if getattr(args, "ray", None) and args.decode == "gpu":
+        parser.error("--decode gpu runs in this process; Ray workers decode on the CPU (drop --decode gpu or --ray)")
 
 
 def add_trt_module_arg(parser: argparse.ArgumentParser) -> None:

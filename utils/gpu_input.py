@@ -33,9 +33,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from utils.jpeg import JpegHeader, orient, read_jpeg_header
 from utils.pipeline import PREFETCH_BATCHES, InputBatch, LoadedImage, load_one
-from utils.preprocess import legacy_taps
+from utils.preprocess import PIXEL_SCALE, legacy_taps
 
-_SCALE = np.float32(2 / 255)
 # Reader threads: more only add GIL contention with the decode thread and the caller (measured on the
 # 16-core H100 machine, loader alone at batch 256: 1 thread 4 170 images/s, 2: 3 700, 4: 3 000, 8: 2 440).
 READ_WORKERS = int(os.environ.get("SSD_GPU_READ_THREADS", "1"))    # 0: read in the decode thread
@@ -87,7 +86,7 @@ def resize_to_network(images: Sequence[torch.Tensor], size: tuple[int, int]) -> 
     upper = top_left + (top_right - top_left) * x_lerp
     lower = bottom_left + (bottom_right - bottom_left) * x_lerp
     values = upper + (lower - upper) * y_lerp[:, None, :, None]
-    return values * torch.tensor(_SCALE, device=device) - torch.tensor(np.float32(1), device=device)
+    return values * torch.tensor(PIXEL_SCALE, device=device) - torch.tensor(np.float32(1), device=device)
 
 
 @dataclass
@@ -104,14 +103,13 @@ class GpuImageLoader:
     """Batches of files -> InputBatch with the tensor on the GPU, in input order."""
 
     def __init__(self, input_size: tuple[int, int], workers: int = 4, keep_images: bool = False,
-                 device: str = "cuda", use_hardware: bool = True):
+                 device: str = "cuda"):
         self.input_size = input_size
         self.workers = max(0, min(workers, READ_WORKERS))
         self.keep_images = keep_images
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
-        self.hardware = hardware_decoder() if use_hardware else None
-        self.hardware_decoded = 0
+        self.hardware = hardware_decoder()
 
     def _read(self, path: Path) -> _Read:
         """Read a file straight into a fresh uint8 buffer (readinto: the copy and its page faults
@@ -127,9 +125,10 @@ class GpuImageLoader:
             return _Read(path, header, encoded=data)
         return _Read(path, header, loaded=load_one(path, self.input_size, self.keep_images))
 
-    def _decode(self, encoded: list[np.ndarray]) -> list[torch.Tensor | None]:
-        """uint8 [H, W, 3] GPU images (None = refused): the hardware decoder first, torchvision's
-        nvJPEG (CUDA) for what it refuses (or for everything without it), one by one if a batch fails."""
+    def _decode(self, encoded: list[np.ndarray]) -> tuple[list[torch.Tensor | None], int]:
+        """uint8 [H, W, 3] GPU images (None = refused) and how many the hardware engines decoded: the
+        hardware decoder first, torchvision's nvJPEG (CUDA) for what it refuses (or for everything
+        without it), one by one if a batch fails."""
         decoded: list[torch.Tensor | None] = [None] * len(encoded)
         if self.hardware is not None:
             decoder, params = self.hardware
@@ -141,12 +140,13 @@ class GpuImageLoader:
             for index, image in enumerate(images):
                 if image is not None:
                     decoded[index] = torch.as_tensor(image, device=self.device)
-                    self.hardware_decoded += 1
         rest = [index for index, image in enumerate(decoded) if image is None]
+        on_hardware = len(decoded) - len(rest)
         if rest:
             for index, image in zip(rest, self._decode_torchvision([encoded[index] for index in rest])):
                 decoded[index] = image
-        return [image if image is None or image.shape[2] == 3 else image.expand(-1, -1, 3) for image in decoded]
+        return [image if image is None or image.shape[2] == 3 else image.expand(-1, -1, 3)
+                for image in decoded], on_hardware
 
     def _decode_torchvision(self, encoded: list[np.ndarray]) -> list[torch.Tensor | None]:
         tensors = [torch.from_numpy(data) for data in encoded]
@@ -161,11 +161,11 @@ class GpuImageLoader:
                     images.append(None)
         return [None if image is None else image.permute(1, 2, 0) for image in images]
 
-    def _to_batch(self, reads: list[_Read]) -> InputBatch | None:
+    def _to_batch(self, reads: list[_Read]) -> InputBatch:
         """Decode + resize the GPU-bound files, add the CPU-decoded ones, keep the order."""
         decoded: dict[int, torch.Tensor] = {}
         on_gpu = [index for index, read in enumerate(reads) if read.loaded is None]
-        images = self._decode([reads[index].encoded for index in on_gpu]) if on_gpu else []
+        images, on_hardware = self._decode([reads[index].encoded for index in on_gpu]) if on_gpu else ([], 0)
         for index, image in zip(on_gpu, images):
             read = reads[index]
             if image is None:
@@ -194,17 +194,8 @@ class GpuImageLoader:
             tensor = mixed
         for item in items:
             item.tensor = None                   # the batch tensor holds the pixels
-        hardware, self.hardware_decoded = self.hardware_decoded, 0
         return InputBatch(items, tensor, cpu_decoded=len(cpu_reasons), cpu_reasons=cpu_reasons,
-                          hardware_decoded=hardware)
-
-    def batches(self, paths: Sequence[Path], batch_size: int) -> Iterator[InputBatch]:
-        """Yield InputBatch of up to ``batch_size`` files, in input order.
-
-        One producer thread decodes and resizes; decode processes were measured slower (1 process
-        1 640 images/s, 3 processes 1 080: without MPS the GPU time-slices between their contexts).
-        """
-        return self._batches_from_thread(list(paths), batch_size)
+                          hardware_decoded=on_hardware)
 
     def _reads(self, pool: ThreadPoolExecutor, paths: list[Path], batch_size: int) -> Iterator[list[_Read]]:
         """The files read, batch by batch: by the reader threads ahead of time, or here (workers=0)."""
@@ -221,9 +212,14 @@ class GpuImageLoader:
             submitted += len(more)
             yield [future.result() for future in batch]
 
-    def _batches_from_thread(self, paths: list[Path], batch_size: int) -> Iterator[InputBatch]:
-        """Reading runs ahead in threads and the GPU work of the next batch overlaps the caller's
-        work on this one (a producer thread, its own stream)."""
+    def batches(self, paths: Sequence[Path], batch_size: int) -> Iterator[InputBatch]:
+        """Yield InputBatch of up to ``batch_size`` files, in input order.
+
+        Reading runs ahead and one producer thread (its own CUDA stream) decodes and resizes the
+        next batch while the caller works on this one. Decode processes were measured slower (1
+        process 1 640 images/s, 3 processes 1 080: without MPS the GPU time-slices between contexts).
+        """
+        paths = list(paths)
         ready: Queue = Queue(maxsize=PREFETCH_BATCHES)
         stop = threading.Event()
 

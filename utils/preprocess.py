@@ -14,7 +14,7 @@ from utils.errors import ImageError
 
 INPUT_SIZE = (300, 300)  # (width, height)
 
-_SCALE = np.float32(2 / 255)
+PIXEL_SCALE = np.float32(2 / 255)   # network input = pixel x PIXEL_SCALE - 1
 _WHITE = (255, 255, 255, 255)
 
 
@@ -121,7 +121,7 @@ def to_network_input(pixels: np.ndarray) -> np.ndarray:
     """[N, H, W, 3] pixel values (uint8 or float, 0..255) -> float32 [N, 3, H, W] = x * float32(2/255) - 1."""
     if pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise ValueError(f"expected [N, H, W, 3] pixels, got {list(pixels.shape)}")
-    scaled = pixels.astype(np.float32) * _SCALE - np.float32(1)
+    scaled = pixels.astype(np.float32) * PIXEL_SCALE - np.float32(1)
     return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
 
 
@@ -129,7 +129,7 @@ def to_pixel_values(network_input: np.ndarray) -> np.ndarray:
     """Inverse of ``to_network_input``: float32 [N, 3, H, W] -> float32 [N, H, W, 3] pixel values."""
     if network_input.ndim != 4 or network_input.shape[1] != 3:
         raise ValueError(f"expected [N, 3, H, W], got {list(network_input.shape)}")
-    pixels = (network_input.astype(np.float32) + np.float32(1)) / _SCALE
+    pixels = (network_input.astype(np.float32) + np.float32(1)) / PIXEL_SCALE
     return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 

@@ -141,16 +141,25 @@ class OnnxRuntimeBackend(Backend):
         keep = min(self.spec.nms.keep_top_k, anchors * (classes - 1))
         return {DETECTIONS: ([count, keep, 7], np.float32), NUM_DETECTIONS: ([count], np.int32)}
 
+    def runner(self, count: int, on_device: bool = False):
+        """The bound runner for a batch of ``count`` (host or GPU input), made on first use.
+
+        With a CUDA graph there is one runner per session: the graph keeps its buffers' addresses.
+        """
+        size = self.max_batch_size if self.cuda_graph else count
+        key = (on_device, size)
+        if key not in self.runners:
+            if self.cuda_graph and self.runners:
+                raise RuntimeError("this session captured its CUDA graph on other buffers; use another backend")
+            width, height = self.spec.input_size
+            shape, outputs = [size, 3, height, width], self._outputs(size)
+            self.runners[key] = (DeviceRunner(self.session, shape, outputs) if on_device
+                                 else BoundRunner(self.session, self.device.lower(), shape, outputs))
+        return self.runners[key]
+
     def run_network(self, batch: np.ndarray) -> list[np.ndarray]:
         """The ONNX graph's outputs for one batch (the engine alone, for benchmarks)."""
-        size = self.max_batch_size if self.cuda_graph else len(batch)
-        if self.cuda_graph and self.runners and size not in self.runners:
-            raise RuntimeError("this session captured a CUDA graph on GPU input; use another backend for host input")
-        if size not in self.runners:
-            width, height = self.spec.input_size
-            self.runners[size] = BoundRunner(self.session, self.device.lower(), [size, 3, height, width],
-                                             self._outputs(size))
-        return self.runners[size].run(batch)
+        return self.runner(len(batch), on_device=False).run(batch)
 
     @property
     def takes_device_input(self) -> bool:
@@ -158,25 +167,14 @@ class OnnxRuntimeBackend(Backend):
 
     def run_network_on_device(self, batch) -> list:
         """The graph's outputs, as CUDA tensors, for a batch that is a CUDA torch tensor."""
-        size = self.max_batch_size if self.cuda_graph else len(batch)
-        key = ("device", size)
-        if self.cuda_graph and self.runners and key not in self.runners:
-            raise RuntimeError("this session captured a CUDA graph on host input; use another backend for GPU input")
-        if key not in self.runners:
-            width, height = self.spec.input_size
-            self.runners[key] = DeviceRunner(self.session, [size, 3, height, width], self._outputs(size))
-        return self.runners[key].run(batch)
+        return self.runner(len(batch), on_device=True).run(batch)
 
     def detect(self, batch) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(batch, np.ndarray):
-            outputs = self.run_network_on_device(batch)
-            if self.flavour == "core":
-                outputs = batched_multiclass_nms(*outputs, self.spec.nms)
-            return tuple(value.cpu().numpy() for value in outputs)
-        outputs = self.run_network(batch)
+        on_device = not isinstance(batch, np.ndarray)
+        outputs = self.run_network_on_device(batch) if on_device else self.run_network(batch)
         if self.flavour == "core":
-            return batched_multiclass_nms(*outputs, self.spec.nms)
-        detections, num_detections = outputs
+            outputs = batched_multiclass_nms(*outputs, self.spec.nms)
+        detections, num_detections = (value.cpu().numpy() if on_device else value for value in outputs)
         return detections, num_detections
 
     def settings(self) -> list[str]:
