@@ -1,30 +1,35 @@
 #!/usr/bin/env python3
-"""Convert a TF Object Detection API SSD frozen graph into a deployable ONNX graph.
+"""Step 1: convert a TF Object Detection API SSD frozen graph into a deployable ONNX graph.
 
-Prints the path of the ONNX file as its last line.
+The ONNX carries its own description (spec, flavour, precision, label map) in its metadata, so
+build_engine.py, detect_objects.py --onnx and voc_evaluation.py --onnx need nothing else, and no
+TensorFlow. Prints the path of the ONNX file as its last line.
+
+Example:
+  python model.py -m ssdlite_mobilenet_v2_pedestrian --flavour core -o pedestrian_core.onnx
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from utils import cli
-from utils.converter import PRECISIONS, check_options, convert
-from utils.models import resolve_model
-from utils.onnx_export import FLAVOURS
-from utils.precision import calibration_images
+
+log = logging.getLogger("model")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
+    parser.add_argument("-m", "--model", default=None,
+                        help="a registry name, a model folder or a .pb file (default: the sample's default model)")
+    parser.add_argument("-w", "--workspace", type=Path, default=cli.DEFAULT_WORKSPACE,
+                        help="folder for downloaded and converted models (default: %(default)s)")
     parser.add_argument("-o", "--output", type=Path, help="ONNX file to write (default: "
                         "WORKSPACE/models/<model>/<model>_<flavour>_<precision>.onnx)")
-    parser.add_argument("--flavour", choices=FLAVOURS, default="portable",
-                        help="portable: standard ONNX ops (NonMaxSuppression; default); trt-plugins: "
-                             "GridAnchor_TRT/FlattenConcat_TRT/NMS_TRT nodes; core: no NMS inside")
-    parser.add_argument("-p", "--precision", choices=("FP32", "FP16", "INT8"), default="FP32",
-                        help=f"available now: {', '.join(PRECISIONS)}")
+    cli.add_flavour_arg(parser, default="portable")
+    cli.add_precision_arg(parser, "FP32 (default), FP16 (network in half precision, edges and post-processing FP32) "
+                                  "or INT8 (Q/DQ, calibrated on --calib-dir)", default="FP32")
     parser.add_argument("-f", "--force", action="store_true", help="convert even if a cached ONNX matches")
     parser.add_argument("--calib-dir", type=Path, help="INT8 calibration JPEGs (default: $VOC_DIR/JPEGImages, "
                         "else images/)")
@@ -34,18 +39,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cli.setup_logging()
     with cli.user_errors():
+        from utils.converter import check_options, convert  # noqa: PLC0415
+        from utils.models import resolve_model  # noqa: PLC0415
+        from utils.quantize import calibration_images  # noqa: PLC0415
+
         check_options(args.flavour, args.precision)
         model = resolve_model(args.model, args.workspace)
-        cli.log(f"Converting {model.graph_path} ({args.flavour}, {args.precision})...")
         calibration = calibration_images(args.calib_dir) if args.precision == "INT8" else None
         converted = convert(model, args.flavour, args.precision, cli.nms_overrides(args), args.output, args.force,
                             calibration)
-        spec = converted.spec
-        state = f"converted in {converted.seconds:.1f} s" if converted.built else "cached, up to date"
-        cli.log(f"{spec.num_classes} classes (with background), {spec.num_anchors} anchors on feature maps "
-                f"{'/'.join(str(h) for h, _ in spec.anchors.feature_map_shapes)}, "
-                f"NMS IoU {spec.nms.iou_threshold:g}, keepTopK {spec.nms.keep_top_k} — {state}")
+        spec, labels = converted.spec, converted.artifact.labels
+        log.info(f"{spec.num_classes} classes (with background; {len(labels)} named), {spec.num_anchors} anchors on "
+                 f"feature maps {'/'.join(str(h) for h, _ in spec.anchors.feature_map_shapes)}, input "
+                 f"{spec.input_size[0]}x{spec.input_size[1]}, NMS IoU {spec.nms.iou_threshold:g}, "
+                 f"keepTopK {spec.nms.keep_top_k}")
         print(converted.onnx_path)
         return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -11,37 +12,57 @@ from typing import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
 
-from utils.converter import NmsOverrides  # noqa: E402
+from utils.artifact import FLAVOURS, PRECISIONS  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.models import DEFAULT_MODEL, registry_names  # noqa: E402
+from utils.ssd_spec import NmsOverrides  # noqa: E402
+from utils.trt import MODULES  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKSPACE = REPO_ROOT / "workspace"
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", default=None,
-                        help=f"a registry name ({', '.join(registry_names())}), a model folder or a .pb file "
-                             f"(default: {DEFAULT_MODEL}, falling back to the pedestrian model when offline)")
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+    """-m MODEL | --onnx FILE | --engine FILE, and -w/--workspace."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-m", "--model", default=None,
+                       help=f"a registry name ({', '.join(registry_names())}), a model folder or a .pb file, converted "
+                            f"(and built) as needed (default: {DEFAULT_MODEL}, falling back to the pedestrian model "
+                            f"when offline)")
+    group.add_argument("--onnx", type=Path, metavar="FILE", help="a converted ONNX file (model.py): no TensorFlow needed")
+    group.add_argument("--engine", type=Path, metavar="FILE",
+                       help="a TensorRT engine built by build_engine.py (its .json sidecar beside it)")
     parser.add_argument("-w", "--workspace", type=Path, default=DEFAULT_WORKSPACE,
-                        help="folder for downloaded models, converted graphs and results (default: %(default)s)")
+                        help="folder for downloaded models, converted graphs, engines and results (default: %(default)s)")
 
 
-class _AutoIsNone(argparse.Action):
-    """Stores None for "auto": each backend then picks its own default flavour."""
+def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """The options both detect_objects.py and voc_evaluation.py take, with the same names and meanings."""
+    parser.add_argument("-b", "--batch-size", type=_at_least_one, default=batch_size,
+                        help=f"images per inference batch, and the engine's maximum batch (default {batch_size})")
+    add_precision_arg(parser, "inference precision (default: FP32, or the given file's)", default=None)
+    add_flavour_arg(parser)
+    add_decode_arg(parser)
+    group = parser.add_argument_group("runtime options")
+    group.add_argument("--cuda-graph", action="store_true",
+                       help="ONNX Runtime on CUDA: capture a CUDA graph (batches padded to -b)")
+    group.add_argument("--nhwc", action="store_true", help="ONNX Runtime on CUDA: prefer NHWC convolutions")
+    add_trt_args(parser)
+    add_nms_args(parser)
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, None if values == "auto" else values)
+
+def add_precision_arg(parser: argparse.ArgumentParser, help_text: str, default: str | None) -> None:
+    parser.add_argument("-p", "--precision", choices=PRECISIONS, default=default, help=help_text)
 
 
-def add_flavour_arg(parser: argparse.ArgumentParser) -> None:
-    from utils.onnx_export import FLAVOURS  # noqa: PLC0415
-
-    parser.add_argument("--flavour", choices=(*FLAVOURS, "auto"), default=None, action=_AutoIsNone,
-                        help="ONNX flavour the converted backends run: portable (standard ONNX ops), "
-                             "trt-plugins (GridAnchor/FlattenConcat/NMS_TRT; onnxruntime runs plugin/'s reference "
-                             "ops), core (no NMS inside; batched NMS after, on the GPU with --decode gpu), auto (default: portable for "
-                             "onnxruntime; for tensorrt trt-plugins up to TRT 10, portable for 11, core for RTX)")
+def add_flavour_arg(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    choices = FLAVOURS if default != "auto" else (*FLAVOURS, "auto")
+    parser.add_argument("--flavour", choices=choices, default=default,
+                        help="ONNX flavour: portable (standard ONNX ops), trt-plugins (GridAnchor/FlattenConcat/NMS_TRT; "
+                             "onnxruntime runs plugin/'s reference ops), core (no NMS inside; batched NMS after it)"
+                             + (", auto (portable for onnxruntime; for tensorrt trt-plugins up to TRT 10, portable for "
+                                "11, core for TensorRT-RTX; a file's own flavour)" if default == "auto" else "")
+                             + " (default: %(default)s)")
 
 
 def add_decode_arg(parser: argparse.ArgumentParser) -> None:
@@ -60,16 +81,12 @@ def check_decode_arg(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--decode gpu runs in this process; Ray workers decode on the CPU (drop --decode gpu or --ray)")
 
 
-def add_trt_module_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trt-module", choices=("tensorrt", "tensorrt_rtx"), default=None,
-                        help="TensorRT module for --backend tensorrt (default: $SSD_TRT_MODULE, else the one "
-                             "installed, tensorrt first)")
-
-
-def apply_trt_module(args: argparse.Namespace) -> None:
-    """--trt-module wins over $SSD_TRT_MODULE, which utils.engine.import_trt reads."""
-    if getattr(args, "trt_module", None):
-        os.environ["SSD_TRT_MODULE"] = args.trt_module
+def add_trt_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TensorRT")
+    group.add_argument("--trt-module", choices=MODULES, default=None,
+                       help="TensorRT module (default: the engine's, else the one installed, tensorrt first)")
+    group.add_argument("--compute-capability", default=None, metavar="CC",
+                       help="TensorRT-RTX: build for this compute capability (86, 8.6 or SM86; default: the GPU present)")
 
 
 def add_voc_args(parser: argparse.ArgumentParser, limit: int | None = None) -> None:
@@ -118,9 +135,36 @@ def nms_overrides(args: argparse.Namespace) -> NmsOverrides:
     return NmsOverrides(args.score_threshold, args.iou_threshold, args.top_k, args.keep_top_k)
 
 
-def log(message: str) -> None:
-    """Progress lines go to stderr so that stdout stays parseable."""
-    print(message, file=sys.stderr, flush=True)
+def plan_from_args(args: argparse.Namespace, backend: str | None = None):
+    """The Plan (utils.plan) of a script's arguments; ``backend`` overrides args.backend."""
+    from utils.plan import Plan  # noqa: PLC0415
+
+    return Plan.resolve(model=args.model, onnx=args.onnx, engine=args.engine, workspace=args.workspace,
+                        backend=backend or args.backend, flavour=args.flavour, precision=args.precision,
+                        batch_size=args.batch_size, decode=args.decode, nms=nms_overrides(args),
+                        cuda_graph=args.cuda_graph, nhwc=args.nhwc, trt_module=args.trt_module,
+                        compute_capability=args.compute_capability, calib_dir=getattr(args, "calib_dir", None))
+
+
+class _Format(logging.Formatter):
+    """Progress as plain lines; warnings and errors prefixed as the scripts' one-line messages are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"error: {message}"
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Messages go to stderr through the standard logging module, so that stdout stays parseable."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("ray", "tensorflow", "tf2onnx", "onnx_graphsurgeon"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

@@ -3,42 +3,38 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import onnx
 
-from utils import onnx_export, tf_graph
-from utils import precision as precision_module
+from utils import onnx_export, quantize, tf_graph
+from utils.artifact import FLAVOURS, PRECISIONS, Artifact, file_fingerprint, read_onnx, set_onnx_metadata
 from utils.errors import UserError
 from utils.files import atomic_path, write_text_atomic
+from utils.labels import label_map_for
 from utils.models import ResolvedModel
-from utils.ssd_spec import SsdSpec, read_ssd_spec
+from utils.ssd_spec import NmsOverrides, SsdSpec, read_ssd_spec  # noqa: F401  (NmsOverrides: re-exported)
 
-CONVERTER_VERSION = 1
-PRECISIONS = ("FP32", "FP16", "INT8")
-
-
-@dataclass(frozen=True)
-class NmsOverrides:
-    """Command-line overrides of the graph's NMS parameters (None keeps the graph's value)."""
-
-    score_threshold: float | None = None
-    iou_threshold: float | None = None
-    top_k: int | None = None
-    keep_top_k: int | None = None
+CONVERTER_VERSION = 2
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ConvertedModel:
-    """An ONNX file and the spec it was built from."""
+    """An ONNX file and what it is."""
 
     onnx_path: Path
-    spec: SsdSpec
+    artifact: Artifact
     built: bool          # False when it came from the cache
     seconds: float       # conversion time (0 for a cache hit)
+
+    @property
+    def spec(self) -> SsdSpec:
+        return self.artifact.spec
 
 
 def default_onnx_path(model: ResolvedModel, flavour: str, precision: str) -> Path:
@@ -58,17 +54,6 @@ def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverri
     }
 
 
-def spec_from_dict(data: dict) -> SsdSpec:
-    """The SsdSpec saved in a converted graph's sidecar JSON."""
-    from utils.ssd_spec import AnchorSpec, NmsSpec  # noqa: PLC0415
-
-    anchors = data["anchors"]
-    anchors = AnchorSpec(**{**anchors, "aspect_ratios": tuple(anchors["aspect_ratios"]),
-                            "feature_map_shapes": tuple(tuple(s) for s in anchors["feature_map_shapes"])})
-    return SsdSpec(num_classes=data["num_classes"], input_size=tuple(data["input_size"]), anchors=anchors,
-                   box_coder_scales=tuple(data["box_coder_scales"]), nms=NmsSpec(**data["nms"]))
-
-
 def read_spec(model: ResolvedModel) -> tuple[object, object, tf_graph.SsdGraphNodes, SsdSpec]:
     """Load, validate and cut the graph; returns (graph_def, core_graph_def, nodes, spec)."""
     graph_def = tf_graph.load_graph_def(model.graph_path)
@@ -84,10 +69,27 @@ def read_spec(model: ResolvedModel) -> tuple[object, object, tf_graph.SsdGraphNo
 
 def check_options(flavour: str, precision: str) -> None:
     """Refuse a flavour or precision this release cannot build (before anything is downloaded)."""
-    if flavour not in onnx_export.FLAVOURS:
-        raise UserError(f"flavour '{flavour}' is not available yet; choose one of {', '.join(onnx_export.FLAVOURS)}")
+    if flavour not in FLAVOURS:
+        raise UserError(f"unknown flavour '{flavour}'; choose one of {', '.join(FLAVOURS)}")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision}; use -p {' or '.join(PRECISIONS)}")
+
+
+def _cached(onnx_path: Path, key_path: Path, key: dict) -> tuple[Artifact | None, str | None]:
+    """The cached ONNX when its key matches and the file is the one the key recorded; else (None, why)."""
+    if not onnx_path.exists() or not key_path.exists():
+        return None, None
+    try:
+        record = json.loads(key_path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or record.get("key") != key:
+            return None, "the model or the options changed"
+        if record.get("file") != file_fingerprint(onnx_path):
+            return None, "the ONNX file differs from the one converted (truncated or replaced)"
+        return read_onnx(onnx_path), None
+    except (OSError, ValueError):
+        return None, "its key file is unreadable"
+    except UserError as exc:
+        return None, str(exc)
 
 
 def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "FP32",
@@ -95,41 +97,48 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
             calibration_images: Sequence[Path] | None = None) -> ConvertedModel:
     """Build the ONNX of ``model`` (or reuse the cached one whose key matches).
 
-    FP16 and INT8 are variants of the FP32 graph (utils.precision); INT8 is calibrated on
-    ``calibration_images`` (default: utils.precision.calibration_images()).
+    FP16 and INT8 are variants of the FP32 graph (utils.quantize); INT8 is calibrated on
+    ``calibration_images`` (default: utils.quantize.calibration_images()).
     """
     check_options(flavour, precision)
     if precision == "INT8" and calibration_images is None:
-        calibration_images = precision_module.calibration_images()
+        calibration_images = quantize.calibration_images()
     onnx_path = Path(output) if output else default_onnx_path(model, flavour, precision)
-    key_path = onnx_path.with_suffix(".json")
-    calibration = precision_module.calibration_fingerprint(calibration_images) if precision == "INT8" else None
+    key_path = onnx_path.with_suffix(".convert.json")   # not .json: an engine sidecar of the same stem may sit there
+    calibration = quantize.calibration_fingerprint(calibration_images) if precision == "INT8" else None
     key = cache_key(model, flavour, precision, nms, calibration)
-    if not force and onnx_path.exists() and key_path.exists():
-        cached = json.loads(key_path.read_text(encoding="utf-8"))
-        if cached.get("key") == key:
-            return ConvertedModel(onnx_path, spec_from_dict(cached["spec"]), built=False, seconds=0.0)
+    cached, reason = (None, None) if force else _cached(onnx_path, key_path, key)
+    if cached:
+        log.info("Using the converted %s (cached, up to date; -f converts again)", onnx_path)
+        return ConvertedModel(onnx_path, cached, built=False, seconds=0.0)
+    log.info("Converting %s (%s, %s) to %s%s...", model.graph_path, flavour, precision, onnx_path,
+             f": {reason}" if reason else "")
 
     start = time.perf_counter()
     key_path.unlink(missing_ok=True)
     if precision == "FP32":
         _, core, nodes, spec = read_spec(model)
         spec = spec.with_nms(**asdict(nms))
+        artifact = Artifact("onnx", onnx_path, spec, flavour, precision, model.name,
+                            label_map_for(model.labels, spec.num_classes))
         extra = onnx_export.predictor_outputs(nodes.box_predictors) if flavour == "trt-plugins" else []
         model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec, extra), spec, extra)
         model_proto.producer_name = "uff_ssd successor (tf2onnx + onnx-graphsurgeon)"
-        onnx.helper.set_model_props(model_proto, {"source_graph": str(model.graph_path), "flavour": flavour,
-                                                  "spec": json.dumps(asdict(spec))})
+        set_onnx_metadata(model_proto, artifact)
         with atomic_path(onnx_path) as tmp:
             onnx.save(model_proto, str(tmp))
     else:
-        base = convert(model, flavour, "FP32", nms, force=force)
-        spec = base.spec
+        base = convert(model, flavour, "FP32", nms, force=force).artifact
+        artifact = replace(base, path=onnx_path, precision=precision)
         if precision == "FP16":
+            variant = quantize.to_fp16(onnx.load(str(base.path)))
+            set_onnx_metadata(variant, artifact)
             with atomic_path(onnx_path) as tmp:
-                onnx.save(precision_module.to_fp16(onnx.load(str(base.onnx_path))), str(tmp))
+                onnx.save(variant, str(tmp))
         else:
-            precision_module.quantize_int8(base.onnx_path, onnx_path, calibration_images, spec.input_size)
-    write_text_atomic(key_path, json.dumps({"key": key, "spec": asdict(spec)}, indent=1))
-    return ConvertedModel(onnx_path, spec, built=True, seconds=time.perf_counter() - start)
+            quantize.quantize_int8(base.path, onnx_path, calibration_images, artifact)
+    write_text_atomic(key_path, json.dumps({"key": key, "file": file_fingerprint(onnx_path)}, indent=1))
+    seconds = time.perf_counter() - start
+    log.info("Converted in %.1f s", seconds)
+    return ConvertedModel(onnx_path, artifact, built=True, seconds=seconds)
 

@@ -22,11 +22,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from utils.converter import NmsOverrides
+from utils.artifact import Artifact
 from utils.errors import UserError
 from utils.files import write_text_atomic
-from utils.models import ResolvedModel
-from utils.preprocess import INPUT_SIZE  # the block tasks resize to it; a backend of another size refuses
+from utils.run import BatchResult, ImageResult
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_HINT = "--ray needs Ray; run: pip install -r requirements-distributed.txt"
@@ -36,18 +37,6 @@ ATTEMPTS = 3              # pipeline runs before the missing blocks are given up
 STALL_SECONDS = 120       # a pipeline that makes no progress this long fails and is run again
 DETECTOR_CPUS = 0.5       # a CPU detector reserves half a CPU: one actor per CPU leaves room to decode
 READ_CPUS = 0.25          # differs from DETECTOR_CPUS, so Ray Data keeps decoding in tasks, not in the actors
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """What each detector actor passes to create_backend."""
-
-    backend: str
-    model: ResolvedModel
-    precision: str = "FP32"
-    batch_size: int = 1
-    nms: NmsOverrides = field(default_factory=NmsOverrides)
-    flavour: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,42 +114,35 @@ def _load_block(row: dict) -> dict:
     """Ray Data task: read and preprocess the images of one block (utils.pipeline.load_one)."""
     from utils.pipeline import load_one  # noqa: PLC0415
 
-    loaded = [load_one(Path(path), INPUT_SIZE) for path in json.loads(row["paths"])]
+    width, height = row["input_size"]
+    loaded = [load_one(Path(path), (width, height)) for path in json.loads(row["paths"])]
     tensors = [item.tensor for item in loaded if item.tensor is not None]
     meta = [{"size": item.size, "error": item.error} for item in loaded]
-    stacked = np.stack(tensors) if tensors else np.zeros((0, 3, INPUT_SIZE[1], INPUT_SIZE[0]), np.float32)
+    stacked = np.stack(tensors) if tensors else np.zeros((0, 3, height, width), np.float32)
     return {"block": row["block"], "meta": json.dumps(meta), "tensors": stacked.tobytes(), "count": len(tensors)}
 
 
 class Detector:
-    """Ray Data actor: one backend, one block per call -> the block's detections as JSON."""
+    """Ray Data actor: one runner opened from the plan's file (no conversion, no TensorFlow on the node),
+    one block per call -> the block's detections as JSON."""
 
-    def __init__(self, config: DetectorConfig):
-        from utils.backends import create_backend  # noqa: PLC0415
-
-        self.backend = create_backend(config.backend, config.model, config.precision, config.batch_size,
-                                      config.nms, lambda message: None, config.flavour)
+    def __init__(self, plan, artifact: Artifact):
+        self.runner = plan.open(artifact)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        width, height = self.backend.spec.input_size
+        from utils.run import detect_rows  # noqa: PLC0415
+
+        width, height = self.runner.spec.input_size
         blocks, seconds = [], []
         for data, count, meta in zip(batch["tensors"], batch["count"], batch["meta"]):
             tensors = np.frombuffer(data, np.float32).reshape(int(count), 3, height, width)
             started = time.perf_counter()
-            found = iter(self._detect(tensors))
+            found = iter(rows.tolist() for rows in detect_rows(self.runner, tensors))
             seconds.append(time.perf_counter() - started)
             blocks.append(json.dumps([{**item, "rows": next(found) if item["error"] is None else None}
                                       for item in json.loads(meta)]))
         return {"block": batch["block"], "results": np.array(blocks, dtype=object), "seconds": np.array(seconds),
-                "num_classes": np.full(len(blocks), self.backend.spec.num_classes)}
-
-    def _detect(self, tensors: np.ndarray) -> list[list[list[float]]]:
-        from utils.backends.base import valid_rows  # noqa: PLC0415
-
-        if not len(tensors):
-            return []
-        detections, counts = self.backend.detect(tensors)
-        return [valid_rows(detections[i], counts[i]).tolist() for i in range(len(tensors))]
+                "num_classes": np.full(len(blocks), self.runner.spec.num_classes)}
 
 
 class ShardStore:
@@ -219,33 +201,34 @@ def _pool(ray, workers: int | None) -> tuple[int, dict]:
     return size, ({"num_gpus": 1} if gpus else {"num_cpus": DETECTOR_CPUS})
 
 
-def _pipeline(ray, items: list[dict], config: DetectorConfig, workers: int | None) -> Iterator[dict]:
+def _pipeline(ray, items: list[dict], plan, artifact: Artifact, workers: int | None) -> Iterator[dict]:
     size, resources = _pool(ray, workers)
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(_load_block, num_cpus=READ_CPUS)
     # Ray Data restarts the pool's actors and retries their calls without limit by default
-    detected = dataset.map_batches(Detector, fn_constructor_args=(config,), batch_size=1, batch_format="numpy",
+    detected = dataset.map_batches(Detector, fn_constructor_args=(plan, artifact), batch_size=1, batch_format="numpy",
                                    compute=ray.data.ActorPoolStrategy(size=size), **resources)
     return detected.iter_rows()
 
 
-def run(keys: list[str], paths: list[Path], config: DetectorConfig, folder: Path, run_key: dict,
-        workers: int | None = None, log: Callable[[str], None] = print) -> DistributedRun:
+def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Path, run_key: dict,
+        workers: int | None = None) -> DistributedRun:
     """Detect on every input through Ray (connect() first); skips the blocks a previous run completed."""
     ray = import_ray()
-    blocks = _blocks(len(paths), config.batch_size)
+    blocks = _blocks(len(paths), plan.batch_size)
     store = ShardStore(folder, run_key)
     for attempt in range(1, ATTEMPTS + 1):
         missing = [block for block in range(len(blocks)) if block not in store.complete]
         if not missing:
             break
-        items = [{"block": block, "paths": json.dumps([str(paths[i]) for i in blocks[block]])} for block in missing]
+        items = [{"block": block, "paths": json.dumps([str(paths[i]) for i in blocks[block]]),
+                  "input_size": list(artifact.spec.input_size)} for block in missing]
         try:
-            for row in _pipeline(ray, items, config, workers):
+            for row in _pipeline(ray, items, plan, artifact, workers):
                 _save_block(store, blocks, int(row["block"]), row, keys, paths)
         except (ray.exceptions.RayError, ray.data.exceptions.ExecutionTimeoutError, RuntimeError) as exc:
             reason = ([line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__])[-1]
-            log(f"warning: Ray pipeline attempt {attempt} failed ({reason.strip()}); "
-                f"{len(blocks) - len(store.complete)} blocks left")
+            log.warning("Ray pipeline attempt %d failed (%s); %d blocks left", attempt, reason.strip(),
+                        len(blocks) - len(store.complete))
     if len(store.complete) < len(blocks):
         raise UserError(f"{len(blocks) - len(store.complete)} blocks failed {ATTEMPTS} times on the Ray cluster; "
                         f"run again to resume from {folder}")
@@ -259,3 +242,36 @@ def _save_block(store: ShardStore, blocks: list[range], block: int, row: dict, k
                for i, r in zip(blocks[block], results)]
     store.save(block, records, int(row["num_classes"]), float(row["seconds"]))
 
+
+class RayExecutor:
+    """utils.run's executor on a Ray cluster: shards in ``workspace/ray/<key>``, merged in input order."""
+
+    def __init__(self, plan, artifact: Artifact, address: str | None, workers: int | None, fresh: bool = False):
+        import_ray()
+        self.plan, self.artifact, self.address, self.workers, self.fresh = plan, artifact, address, workers, fresh
+        self.folder: Path | None = None
+        self.name = "Ray"
+
+    def settings(self) -> list[str]:
+        where = self.address or "a local cluster"
+        return [f"Ray on {where}: {self.workers or 'one per GPU, else one per CPU'} detector actors, "
+                f"{self.plan.backend} {self.artifact.precision} ({self.artifact.flavour or 'frozen graph'}), "
+                f"max batch size {self.plan.batch_size}, CPU decode in Ray tasks"]
+
+    def batches(self, files, keys=None, keep_images=False) -> Iterator[BatchResult]:
+        """Every file's result (one BatchResult for the whole run); images are never kept for drawing."""
+        import shutil  # noqa: PLC0415
+
+        paths = [Path(path) for path in files]
+        keys = [str(key) for key in keys] if keys is not None else [str(path) for path in paths]
+        key = {"run": self.plan.key(self.artifact), "inputs": input_key(keys, paths), "batch": self.plan.batch_size}
+        self.folder = run_folder(self.plan.workspace, key)
+        if self.fresh:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        connect(self.address)
+        started = time.perf_counter()
+        done = run(keys, paths, self.plan, self.artifact, self.folder, key, self.workers)
+        results = [ImageResult(Path(record.path), record.key, tuple(record.size) if record.size else None,
+                               rows=np.array(record.rows, np.float32).reshape(-1, 7) if record.error is None else None,
+                               error=record.error) for record in done.records]
+        yield BatchResult(results, done.inference_seconds, time.perf_counter() - started)

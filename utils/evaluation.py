@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
-from utils.backends.base import Backend, valid_rows
 from utils.files import atomic_path, write_text_atomic
 from utils.labels import COCO_TO_VOC, VOC_CLASSES
-from utils.pipeline import input_batches
 from utils.voc import ClassAp, Detection, VocDataset, detections_to_voc, read_results, write_results
 
 RESULTS_KEY = "run.json"
@@ -29,7 +27,6 @@ class RunStats:
     failed: list[str]                 # one-line reasons for images that could not be read
     seconds: float                    # end to end: decode + preprocess + inference + bookkeeping
     inference_seconds: float
-    num_classes: int = 0              # of the model, so that cached results can be labelled
     cached: bool = False
     decode: str = "cpu"               # where the JPEGs were decoded: cpu | gpu
     cpu_decoded: int = 0              # decode gpu: images the CPU decoded instead (not JPEG, CMYK, ...)
@@ -43,8 +40,8 @@ class RunStats:
         return self.images / self.inference_seconds if self.inference_seconds else float("nan")
 
 
-def results_dir(workspace: Path, model_name: str, backend: str, precision: str) -> Path:
-    return workspace / "results" / model_name / backend / precision
+def results_dir(workspace: Path, model_name: str, backend: str, flavour: str | None, precision: str) -> Path:
+    return workspace / "results" / model_name / backend / (flavour or "frozen") / precision
 
 
 def detectable_classes(label_map: dict[int, str]) -> set[str]:
@@ -52,11 +49,10 @@ def detectable_classes(label_map: dict[int, str]) -> set[str]:
     return {COCO_TO_VOC[name] for name in label_map.values() if name in COCO_TO_VOC}
 
 
-def run_key(dataset: VocDataset, model_key: dict, backend: str, precision: str, decode: str = "cpu") -> dict:
-    """What the cached detections depend on: the images, the model and how it was run."""
+def run_key(dataset: VocDataset, plan_key: dict) -> dict:
+    """What the cached detections depend on: the images and the plan's key (utils.plan.Plan.key)."""
     ids = hashlib.sha256(" ".join(image.image_id for image in dataset.images).encode()).hexdigest()
-    return {"voc_dir": str(dataset.root.resolve()), "split": dataset.split, "image_ids_sha256": ids,
-            "model": model_key, "backend": backend, "precision": precision, "decode": decode}
+    return {"voc_dir": str(dataset.root.resolve()), "split": dataset.split, "image_ids_sha256": ids, "run": plan_key}
 
 
 def load_cached(folder: Path, split: str, key: dict) -> tuple[dict[str, list[Detection]], RunStats] | None:
@@ -71,33 +67,28 @@ def load_cached(folder: Path, split: str, key: dict) -> tuple[dict[str, list[Det
     return read_results(folder, split), stats
 
 
-def run_detections(backend: Backend, dataset: VocDataset, label_map: dict[int, str], batch_size: int,
-                   workers: int, decode: str = "cpu") -> tuple[dict[str, list[Detection]], RunStats]:
-    """Detect on every image of the dataset (JPEGs decoded on the ``decode`` = cpu | gpu path);
-    returns detections by VOC class and the timing."""
+def run_detections(executor, dataset: VocDataset, label_map: dict[int, str], decode: str = "cpu",
+                   desc: str = "detect") -> tuple[dict[str, list[Detection]], RunStats]:
+    """Detect on every image of the dataset through ``executor`` (utils.run); returns detections by VOC class
+    and the timing."""
     by_class: dict[str, list[Detection]] = {name: [] for name in VOC_CLASSES}
     failed, inference, cpu_decoded = [], 0.0, 0
-    ids = {image.path: image.image_id for image in dataset.images}
     started = time.perf_counter()
-    with tqdm(total=len(dataset.images), desc=f"{backend.name} {backend.precision}", unit="img",
-              file=sys.stderr) as progress:
-        for batch in input_batches([image.path for image in dataset.images], batch_size,
-                                   backend.spec.input_size, workers, decode):
-            loaded = [item for item in batch.items if item.error is None]
-            failed.extend(item.error for item in batch.items if item.error is not None)
+    with tqdm(total=len(dataset.images), desc=desc, unit="img", file=sys.stderr) as progress:
+        for batch in executor.batches([image.path for image in dataset.images],
+                                      [image.image_id for image in dataset.images]):
+            inference += batch.inference_seconds
             cpu_decoded += batch.cpu_decoded
-            if loaded:
-                infer_start = time.perf_counter()
-                detections, counts = backend.detect(batch.tensor)
-                inference += time.perf_counter() - infer_start
-                for index, item in enumerate(loaded):
-                    rows = valid_rows(detections[index], counts[index])
-                    for name, found in detections_to_voc(rows, *item.size, label_map).items():
-                        by_class[name].extend((ids[item.path], *map(float, row)) for row in found)
-            progress.update(len(batch.items))
+            for result in batch.results:
+                if result.error is not None:
+                    failed.append(result.error)
+                    continue
+                for name, found in detections_to_voc(result.rows, *result.size, label_map).items():
+                    by_class[name].extend((result.key, *map(float, row)) for row in found)
+            progress.update(len(batch.results))
     stats = RunStats(images=len(dataset.images) - len(failed), failed=failed,
                      seconds=time.perf_counter() - started, inference_seconds=inference,
-                     num_classes=backend.spec.num_classes, decode=decode, cpu_decoded=cpu_decoded)
+                     decode=decode, cpu_decoded=cpu_decoded)
     return by_class, stats
 
 
@@ -152,6 +143,6 @@ def plot_pr_curves(results: list[ClassAp], detectable: set[str], title: str, pat
     return path
 
 
-def log_skipped(dataset: VocDataset, stats: RunStats, log: Callable[[str], None]) -> None:
+def log_skipped(dataset: VocDataset, stats: RunStats) -> None:
     for reason in dataset.skipped + stats.failed:
-        log(f"warning: skipped {reason}")
+        logging.getLogger(__name__).warning("skipped %s", reason)

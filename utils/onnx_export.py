@@ -18,21 +18,16 @@ import numpy as np
 
 from utils import anchors as anchor_math
 from utils import tf_graph
+from utils.artifact import BOXES, DETECTIONS, FLAVOURS, INPUT, NUM_DETECTIONS, SCORES  # noqa: F401
 from utils.errors import UserError
 from utils.ssd_spec import SsdSpec
 
 OPSET = 17
-FLAVOURS = ("portable", "trt-plugins", "core")
 PLUGIN_DOMAIN = "ai.onnx.contrib"   # the only domain ONNX Runtime custom ops (plugin/) can use
 TF_CENTER = 3                       # CodeTypeSSD::TF_CENTER in TensorRT's NvInferPluginUtils.h
 POST_PREFIX = "post_"               # names of the nodes added after the network (kept FP32 in variants)
-INPUT = tf_graph.INPUT_NAME
 BOX_ENCODINGS = "box_encodings"
 CLASS_LOGITS = "class_logits"
-DETECTIONS = "detections"
-NUM_DETECTIONS = "num_detections"
-BOXES = "boxes"
-SCORES = "scores"
 
 
 def predictor_outputs(box_predictors: tuple[str, ...]) -> list[str]:
@@ -140,7 +135,7 @@ def add_portable_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[
 
     graph, build, boxes, scores = _decoded_outputs(model_proto, spec)
     num_anchors = spec.num_anchors
-    keep_top_k = min(spec.nms.keep_top_k, num_anchors * (spec.num_classes - 1))
+    keep_top_k = spec.max_detections
     scores = build.op("Slice", [scores, build.const("bg_start", np.array([1], np.int64)),
                                 build.const("bg_end", np.array([spec.num_classes], np.int64)),
                                 build.const("bg_axis", np.array([2], np.int64))])    # [N, A, C-1]
@@ -224,7 +219,7 @@ def grid_anchor_fields(spec: SsdSpec) -> dict:
 
 def nms_fields(spec: SsdSpec) -> dict:
     """NMS_TRT's fields for a spec, inputs in the order (loc, priors, conf)."""
-    keep_top_k = min(spec.nms.keep_top_k, spec.num_anchors * (spec.num_classes - 1))
+    keep_top_k = spec.max_detections
     return {"shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0,
             "numClasses": int(spec.num_classes), "topK": int(spec.nms.top_k), "keepTopK": int(keep_top_k),
             "confidenceThreshold": float(spec.nms.score_threshold), "nmsThreshold": float(spec.nms.iou_threshold),

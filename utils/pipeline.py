@@ -103,22 +103,21 @@ def gpu_decoder_installed() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_decode(choice: str, backend) -> str:
-    """"auto" | "cpu" | "gpu" -> "cpu" or "gpu" for this backend; UserError when gpu cannot be had.
+def resolve_decode(choice: str, takes_cuda: bool, backend: str) -> str:
+    """"auto" | "cpu" | "gpu" -> "cpu" or "gpu"; UserError when gpu cannot be had.
 
-    auto = gpu when the backend takes CUDA input and a GPU decoder is installed; on a CPU backend
-    torch is never imported.
+    ``takes_cuda``: the backend runs on CUDA and takes GPU input. auto = gpu when it does and a GPU
+    decoder is installed; without CUDA torch is never imported.
     """
     if choice == "cpu":
         return "cpu"
-    takes_cuda = getattr(backend, "takes_device_input", False)
     if choice == "auto":
         return "gpu" if takes_cuda and gpu_decoder_installed() else "cpu"
     if choice != "gpu":
         raise UserError(f"unknown --decode '{choice}'; choose one of {', '.join(DECODE_CHOICES)}")
     if not takes_cuda:
         raise UserError(f"--decode gpu needs a backend that runs on CUDA and takes GPU input (onnxruntime with "
-                        f"its CUDA provider); {backend.name} runs on {backend.device} here; use --decode cpu")
+                        f"its CUDA provider); {backend} does not here; use --decode cpu")
     if not gpu_decoder_installed():
         raise UserError("--decode gpu needs torch and torchvision built with CUDA (nvJPEG) and a GPU; "
                         "install them or use --decode cpu")

@@ -95,7 +95,7 @@ def multiclass_nms(boxes: np.ndarray, scores: np.ndarray, nms: NmsSpec, max_cand
     (it clips while decoding and keeps zero-area boxes).
     """
     count, anchors, classes = scores.shape
-    keep = min(nms.keep_top_k, anchors * (classes - 1))
+    keep = nms.rows(anchors, classes)
     clipped = np.clip(boxes, 0.0, 1.0)
     has_area = np.prod(clipped[..., 2:] - clipped[..., :2], axis=-1) > 0
     if clip_before_nms:
@@ -161,7 +161,7 @@ def _batch_nms(xp, boxes, scores, nms: NmsSpec, candidates: int):
     a box outside the candidates could have changed the answer.
     """
     count, anchors, classes = scores.shape
-    keep_count = min(nms.keep_top_k, anchors * (classes - 1))
+    keep_count = nms.rows(anchors, classes)
     flat = xp.reshape(xp.permute_dims(scores[:, :, 1:], (0, 2, 1)), (count, -1))   # class-major: c * A + a
     total = flat.shape[1]
     candidates = min(candidates, total)

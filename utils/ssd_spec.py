@@ -10,7 +10,7 @@ count always come from the graph and are checked against the config.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from utils import tf_graph
@@ -48,6 +48,23 @@ class NmsSpec:
     top_k: int = 100        # boxes kept per class (TF max_detections_per_class)
     keep_top_k: int = 100   # boxes kept per image (TF max_total_detections)
 
+    def rows(self, num_anchors: int, num_classes: int) -> int:
+        """Detection rows per image: keepTopK, at most one per (anchor, foreground class) pair."""
+        return min(self.keep_top_k, num_anchors * (num_classes - 1))
+
+
+@dataclass(frozen=True)
+class NmsOverrides:
+    """Command-line overrides of the graph's NMS parameters (None keeps the graph's value)."""
+
+    score_threshold: float | None = None
+    iou_threshold: float | None = None
+    top_k: int | None = None
+    keep_top_k: int | None = None
+
+    def any(self) -> bool:
+        return any(value is not None for value in asdict(self).values())
+
 
 @dataclass(frozen=True)
 class SsdSpec:
@@ -69,6 +86,24 @@ class SsdSpec:
         """The box coder scales as TensorRT's variances (x, y, w, h order of GridAnchor_TRT)."""
         y, x, h, w = self.box_coder_scales
         return (1.0 / x, 1.0 / y, 1.0 / w, 1.0 / h)
+
+    @property
+    def max_detections(self) -> int:
+        """Rows of the [N, K, 7] detections output (K)."""
+        return self.nms.rows(self.num_anchors, self.num_classes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (the form stored in ONNX metadata and engine sidecars)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SsdSpec":
+        """The inverse of ``to_dict``."""
+        anchors = data["anchors"]
+        anchors = AnchorSpec(**{**anchors, "aspect_ratios": tuple(anchors["aspect_ratios"]),
+                                "feature_map_shapes": tuple(tuple(s) for s in anchors["feature_map_shapes"])})
+        return cls(num_classes=int(data["num_classes"]), input_size=tuple(data["input_size"]), anchors=anchors,
+                   box_coder_scales=tuple(data["box_coder_scales"]), nms=NmsSpec(**data["nms"]))
 
     def with_nms(self, **overrides) -> "SsdSpec":
         """Copy with some NMS parameters replaced (None values are ignored)."""

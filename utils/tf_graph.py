@@ -16,7 +16,7 @@ import numpy as np
 
 from utils.errors import UserError
 
-INPUT_NAME = "Input"
+INPUT_NAME = "Input"   # = utils.artifact.INPUT (the ONNX input keeps the placeholder's name)
 BOX_CONCAT = "concat"
 CLASS_CONCAT = "concat_1"
 ANCHOR_CONCAT_SUFFIX = "Concatenate/concat"

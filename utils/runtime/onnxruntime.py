@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: a converted ONNX flavour, on CUDA when available, else on the CPU.
+"""ONNX Runtime runner: a converted ONNX file, on CUDA when available, else on the CPU.
 
 ``portable`` runs as is; ``trt-plugins`` runs with plugin/'s reference ops registered;
 ``core`` is followed by utils.postprocess.batched_multiclass_nms (numpy, or torch on the GPU).
@@ -12,17 +12,12 @@ are then torch tensors bound by address, and the core flavour's NMS runs on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import onnxruntime as ort
 
-from utils.backends.base import Backend
-from utils.converter import NmsOverrides, convert
-from utils.models import ResolvedModel
-from utils.onnx_export import BOXES, DETECTIONS, INPUT, NUM_DETECTIONS, SCORES
+from utils.artifact import BOXES, DETECTIONS, INPUT, NUM_DETECTIONS, SCORES, Artifact
 from utils.postprocess import batched_multiclass_nms
+from utils.runtime.base import Runner, RuntimeOptions
 
 
 def session_options(flavour: str) -> ort.SessionOptions:
@@ -43,7 +38,7 @@ def cuda_provider_options(cuda_graph: bool = False, prefer_nhwc: bool = False) -
             "cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "1"}
 
 
-class BoundRunner:
+class HostBinding:
     """One batch size: device buffers for the input and every output, bound once."""
 
     def __init__(self, session: ort.InferenceSession, device: str, input_shape: list[int],
@@ -68,7 +63,7 @@ class BoundRunner:
         return [value.numpy()[:count] for value in self.outputs.values()]
 
 
-class DeviceRunner:
+class DeviceBinding:
     """One batch size, input already on the GPU: torch-allocated buffers bound to the session by address."""
 
     def __init__(self, session: ort.InferenceSession, input_shape: list[int],
@@ -97,69 +92,57 @@ class DeviceRunner:
         return [value[:count] for value in self.outputs.values()]
 
 
-@dataclass
-class OnnxRuntimeBackend(Backend):
-    session: ort.InferenceSession = None
-    flavour: str = "portable"
-    cuda_graph: bool = False
-    runners: dict = None
+def cuda_available() -> bool:
+    """ONNX Runtime here has its CUDA provider (onnxruntime-gpu)."""
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
-    @classmethod
-    def for_model(cls, model: ResolvedModel, precision: str, max_batch_size: int, nms: NmsOverrides,
-                  log: Callable[[str], None], flavour: str = "portable", cuda_graph: bool = False,
-                  prefer_nhwc: bool = False) -> "OnnxRuntimeBackend":
-        converted = convert(model, flavour, precision, nms)
-        if converted.built:
-            log(f"Converted {model.graph_path} to {converted.onnx_path} in {converted.seconds:.1f} s")
-        else:
-            log(f"Loading cached ONNX model from {converted.onnx_path}")
-        return cls.from_onnx(str(converted.onnx_path), converted.spec, precision, max_batch_size, flavour,
-                             cuda_graph=cuda_graph, prefer_nhwc=prefer_nhwc)
 
-    @classmethod
-    def from_onnx(cls, onnx_path: str, spec, precision: str, max_batch_size: int, flavour: str,
-                  cuda_graph: bool = False, prefer_nhwc: bool = False, use_cuda: bool = True) -> "OnnxRuntimeBackend":
-        """A session on an ONNX file (CUDA when ONNX Runtime has it and ``use_cuda``, else CPU)."""
-        on_cuda = use_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
-        providers = ([("CUDAExecutionProvider", cuda_provider_options(cuda_graph, prefer_nhwc))] if on_cuda else []
-                     ) + ["CPUExecutionProvider"]
+class OnnxRuntimeRunner(Runner):
+    name = "ONNX Runtime"
+
+    def __init__(self, artifact: Artifact, max_batch_size: int, options: RuntimeOptions = RuntimeOptions()):
+        """A session on ``artifact``'s ONNX file (CUDA when ONNX Runtime has it and ``options.use_cuda``)."""
+        on_cuda = options.use_cuda and cuda_available()
+        providers = ([("CUDAExecutionProvider", cuda_provider_options(options.cuda_graph, options.nhwc))]
+                     if on_cuda else []) + ["CPUExecutionProvider"]
+        flavour = artifact.flavour
         if flavour == "trt-plugins":
             from plugin.ort_ops import inference_session  # noqa: PLC0415  (list fields as ORT can read them)
 
-            session = inference_session(onnx_path, providers, session_options(flavour))
+            self.session = inference_session(str(artifact.path), providers, session_options(flavour))
         else:
-            session = ort.InferenceSession(onnx_path, session_options(flavour), providers=providers)
-        device = "CUDA" if session.get_providers()[0] == "CUDAExecutionProvider" else "CPU"
-        return cls(name="ONNX Runtime", precision=precision, max_batch_size=max_batch_size, spec=spec,
-                   device=device, session=session, flavour=flavour, cuda_graph=cuda_graph and device == "CUDA",
-                   runners={})
+            self.session = ort.InferenceSession(str(artifact.path), session_options(flavour), providers=providers)
+        device = "CUDA" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "CPU"
+        super().__init__(artifact, max_batch_size, device)
+        self.flavour = flavour
+        self.cuda_graph = options.cuda_graph and device == "CUDA"
+        self.bindings: dict = {}
 
     def _outputs(self, count: int) -> dict[str, tuple[list[int], type]]:
         anchors, classes = self.spec.num_anchors, self.spec.num_classes
         if self.flavour == "core":
             return {BOXES: ([count, anchors, 4], np.float32), SCORES: ([count, anchors, classes], np.float32)}
-        keep = min(self.spec.nms.keep_top_k, anchors * (classes - 1))
-        return {DETECTIONS: ([count, keep, 7], np.float32), NUM_DETECTIONS: ([count], np.int32)}
+        return {DETECTIONS: ([count, self.spec.max_detections, 7], np.float32), NUM_DETECTIONS: ([count], np.int32)}
 
-    def runner(self, count: int, on_device: bool = False):
-        """The bound runner for a batch of ``count`` (host or GPU input), made on first use.
+    def binding(self, count: int, on_device: bool = False):
+        """The binding for a batch of ``count`` (host or GPU input), made on first use.
 
-        With a CUDA graph there is one runner per session: the graph keeps its buffers' addresses.
+        With a CUDA graph there is one binding per session: the graph keeps its buffers' addresses.
         """
         size = self.max_batch_size if self.cuda_graph else count
         key = (on_device, size)
-        if key not in self.runners:
-            if self.cuda_graph and self.runners:
-                raise RuntimeError("this session captured its CUDA graph on other buffers; use another backend")
+        if key not in self.bindings:
+            if self.cuda_graph and self.bindings:
+                raise RuntimeError("this session captured its CUDA graph on other buffers; open another runner")
             width, height = self.spec.input_size
             shape, outputs = [size, 3, height, width], self._outputs(size)
-            self.runners[key] = (DeviceRunner(self.session, shape, outputs) if on_device
-                                 else BoundRunner(self.session, self.device.lower(), shape, outputs))
-        return self.runners[key]
+            self.bindings[key] = (DeviceBinding(self.session, shape, outputs) if on_device
+                                 else HostBinding(self.session, self.device.lower(), shape, outputs))
+        return self.bindings[key]
 
     def run_network(self, batch: np.ndarray) -> list[np.ndarray]:
         """The ONNX graph's outputs for one batch (the engine alone, for benchmarks)."""
-        return self.runner(len(batch), on_device=False).run(batch)
+        return self.binding(len(batch), on_device=False).run(batch)
 
     @property
     def takes_device_input(self) -> bool:
@@ -167,7 +150,7 @@ class OnnxRuntimeBackend(Backend):
 
     def run_network_on_device(self, batch) -> list:
         """The graph's outputs, as CUDA tensors, for a batch that is a CUDA torch tensor."""
-        return self.runner(len(batch), on_device=True).run(batch)
+        return self.binding(len(batch), on_device=True).run(batch)
 
     def detect(self, batch) -> tuple[np.ndarray, np.ndarray]:
         on_device = not isinstance(batch, np.ndarray)
@@ -178,4 +161,7 @@ class OnnxRuntimeBackend(Backend):
         return detections, num_detections
 
     def settings(self) -> list[str]:
-        return super().settings() + [f"  * ONNX flavour - {self.flavour}"]
+        return super().settings() + (["  * CUDA graph - on"] if self.cuda_graph else [])
+
+    def close(self) -> None:
+        self.bindings.clear()

@@ -1,18 +1,13 @@
-"""TensorFlow backend: the untouched frozen graph (the reference), its outputs put in NMS_TRT's form."""
+"""TensorFlow runner: the untouched frozen graph (the reference), its outputs put in NMS_TRT's form."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from utils import tf_graph
-from utils.backends.base import Backend
-from utils.converter import read_spec
-from utils.errors import UserError
-from utils.models import ResolvedModel
+from utils.artifact import Artifact
 from utils.preprocess import to_pixel_values
+from utils.runtime.base import Runner, RuntimeOptions
 
 OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes", "num_detections")
 
@@ -30,21 +25,15 @@ def to_nms_trt_form(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
     return detections, num.astype(np.int32)
 
 
-@dataclass
-class TensorFlowBackend(Backend):
-    session: object = None
-    float_input: str = "ToFloat"
+class TensorFlowRunner(Runner):
+    name = "TensorFlow"
 
-    @classmethod
-    def for_model(cls, model: ResolvedModel, precision: str, max_batch_size: int,
-                  log: Callable[[str], None]) -> "TensorFlowBackend":
-        if precision != "FP32":
-            raise UserError(f"the tensorflow backend runs the frozen graph in FP32 only, not {precision}; use -p FP32")
-        log(f"Loading TensorFlow frozen graph from {model.graph_path}")
-        graph_def, _, nodes, spec = read_spec(model)
-        session = tf_graph.open_session(graph_def)
-        return cls(name="TensorFlow", precision=precision, max_batch_size=max_batch_size,
-                   spec=spec, device="CPU", session=session, float_input=nodes.float_input)
+    def __init__(self, artifact: Artifact, max_batch_size: int, options: RuntimeOptions = RuntimeOptions()):
+        """A tf.compat.v1 session on the frozen graph ``artifact.path`` (kind "frozen")."""
+        graph_def = tf_graph.load_graph_def(artifact.path)
+        self.float_input = tf_graph.find_ssd_nodes(graph_def, artifact.path).float_input
+        self.session = tf_graph.open_session(graph_def)
+        super().__init__(artifact, max_batch_size, "CPU")
 
     def detect(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Fed at the node that casts image_tensor to float: the graph's own resize (to the same size)
@@ -52,3 +41,6 @@ class TensorFlowBackend(Backend):
         outputs = self.session.run([f"{name}:0" for name in OUTPUTS],
                                    {f"{self.float_input}:0": to_pixel_values(batch)})
         return to_nms_trt_form(*outputs)
+
+    def close(self) -> None:
+        self.session.close()

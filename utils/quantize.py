@@ -18,7 +18,8 @@ import onnx
 
 from utils.errors import UserError
 from utils.files import atomic_path
-from utils.onnx_export import INPUT, PLUGIN_DOMAIN, POST_PREFIX
+from utils.artifact import INPUT, Artifact, set_onnx_metadata
+from utils.onnx_export import PLUGIN_DOMAIN, POST_PREFIX
 from utils.pipeline import load_batches
 
 CALIBRATION_BATCH = 8
@@ -94,8 +95,9 @@ def calibration_fingerprint(paths: Sequence[Path]) -> str:
 
 
 def quantize_int8(fp32_path: Path, output_path: Path, calibration_images: Sequence[Path],
-                  input_size: tuple[int, int]) -> None:
-    """Write the INT8 Q/DQ variant of ``fp32_path`` calibrated on ``calibration_images`` (atomic)."""
+                  artifact: Artifact) -> None:
+    """Write the INT8 Q/DQ variant of ``fp32_path`` calibrated on ``calibration_images`` (atomic), described
+    by ``artifact``'s metadata."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
 
     if not calibration_images:
@@ -105,9 +107,12 @@ def quantize_int8(fp32_path: Path, output_path: Path, calibration_images: Sequen
         raise UserError("INT8 calibration runs the graph in ONNX Runtime, which cannot run the trt-plugins "
                         "flavour's plugin nodes while quantizing; use --flavour portable or core for INT8")
     with atomic_path(output_path) as tmp:
-        quantize_static(str(fp32_path), str(tmp), _ImageReader(calibration_images, input_size),
+        quantize_static(str(fp32_path), str(tmp), _ImageReader(calibration_images, artifact.spec.input_size),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Entropy,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "QuantizeBias": False})  # TensorRT reads FP32 biases beside Q/DQ weights
+        quantized = onnx.load(str(tmp))
+        set_onnx_metadata(quantized, artifact)
+        onnx.save(quantized, str(tmp))

@@ -1,0 +1,248 @@
+"""Plan: every choice of a run, resolved once from the command line; the one cache key; prepare and open.
+
+A Plan is frozen and picklable (Ray actors get it). ``Plan.resolve`` turns the scripts' "auto"
+values into what will really run — backend, flavour, precision, TensorRT module, decode path, NMS
+overrides, runtime options — or refuses with a one-line UserError before anything is downloaded or
+built. Then:
+
+    plan.prepare()        -> Artifact: the file to run (convert with TensorFlow and / or build a
+                             TensorRT engine only when the source is a model; nothing when it is a file)
+    plan.open(artifact)   -> Runner (a context manager)
+    plan.key(artifact)    -> the cache key of results made by this plan from this file (VOC result
+                             files, Ray shards); converted files and engines are keyed by
+                             utils.converter / utils.engine from the same resolved values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from utils.artifact import FLAVOURS, PRECISIONS, Artifact, read_artifact
+from utils.errors import UserError
+from utils.runtime import BACKENDS, RuntimeOptions, installed, open_runner
+from utils.ssd_spec import NmsOverrides
+
+log = logging.getLogger(__name__)
+SOURCES = ("model", "onnx", "engine")
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: str                  # "model" | "onnx" | "engine"
+    location: str | None         # the model (registry name, folder, .pb; None = the default) or the file
+    workspace: Path
+    backend: str                 # tensorrt | onnxruntime | tensorflow
+    flavour: str | None          # the ONNX flavour that runs (None: the frozen graph)
+    precision: str
+    batch_size: int
+    decode: str                  # cpu | gpu
+    nms: NmsOverrides = field(default_factory=NmsOverrides)
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    calib_dir: Path | None = None
+
+    @classmethod
+    def resolve(cls, *, model: str | None = None, onnx: Path | None = None, engine: Path | None = None,
+                workspace: Path = Path("workspace"), backend: str = "auto", flavour: str | None = "auto",
+                precision: str | None = None, batch_size: int = 1, decode: str = "auto",
+                nms: NmsOverrides = NmsOverrides(), cuda_graph: bool = False, nhwc: bool = False,
+                trt_module: str | None = None, compute_capability: str | None = None,
+                calib_dir: Path | None = None) -> "Plan":
+        """Resolve every "auto" once; a one-line UserError for a combination that cannot run."""
+        given = [(kind, value) for kind, value in (("onnx", onnx), ("engine", engine)) if value is not None]
+        if len(given) > 1 or (given and model is not None):
+            raise UserError("give one of -m/--model, --onnx FILE or --engine FILE")
+        source, location = given[0] if given else ("model", model)
+        artifact = read_artifact(source, Path(location)) if source != "model" else None
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+
+        backend = _backend(backend, source)
+        module = _trt_module(backend, trt_module, artifact, compute_capability)
+        flavour = _flavour(flavour, backend, module, artifact)
+        precision = _precision(precision, backend, module, artifact)
+        if artifact is not None and artifact.max_batch_size and batch_size > artifact.max_batch_size:
+            raise UserError(f"batch size {batch_size} exceeds the engine's maximum {artifact.max_batch_size}; use -b "
+                            f"{artifact.max_batch_size} or build the engine with build_engine.py -b {batch_size}")
+        if nms.any() and (backend == "tensorflow" or (artifact is not None and artifact.flavour != "core")):
+            where = "the frozen graph" if backend == "tensorflow" else f"the converted file {artifact.path}"
+            raise UserError(f"NMS options cannot change {where} (its NMS is inside); convert with model.py and the "
+                            f"NMS options, or run the core flavour")
+        if (cuda_graph or nhwc) and backend != "onnxruntime":
+            raise UserError(f"--cuda-graph and --nhwc are ONNX Runtime CUDA options; the {backend} backend does not "
+                            f"take them")
+        options = RuntimeOptions(cuda_graph=cuda_graph, nhwc=nhwc, trt_module=module.module if module else None,
+                                 compute_capability=_compute_capability(module, compute_capability))
+        decode = _decode(decode, backend)
+        return cls(source, str(location) if location is not None else None, Path(workspace), backend, flavour,
+                   precision, batch_size, decode, nms, options, Path(calib_dir) if calib_dir else None)
+
+    # --- the steps ---------------------------------------------------------------------------
+
+    def prepare(self) -> Artifact:
+        """The file this plan runs: the given one, or converted (and built) from the model."""
+        if self.source == "engine":
+            return read_artifact("engine", Path(self.location))
+        if self.source == "onnx":
+            onnx = read_artifact("onnx", Path(self.location))
+        else:
+            from utils.models import resolve_model  # noqa: PLC0415  (conversion side: never on a file)
+
+            model = resolve_model(self.location, self.workspace)
+            if self.backend == "tensorflow":
+                return _frozen_artifact(model)
+            from utils.converter import convert  # noqa: PLC0415
+
+            calibration = None
+            if self.onnx_precision == "INT8":
+                from utils.quantize import calibration_images  # noqa: PLC0415
+
+                calibration = calibration_images(self.calib_dir)
+            onnx = convert(model, self.flavour, self.onnx_precision, self.nms,
+                           calibration_images=calibration).artifact
+        if self.backend != "tensorrt":
+            return onnx
+        return self._build(onnx)
+
+    def _build(self, onnx: Artifact) -> Artifact:
+        from utils.engine import EngineSettings, build_from_onnx, default_engine_path  # noqa: PLC0415
+        from utils.trt import TrtModule, import_trt  # noqa: PLC0415
+
+        trt = import_trt(self.options.trt_module)
+        module = TrtModule.of(trt)
+        settings = EngineSettings(self.precision, self.batch_size, flavour=onnx.flavour,
+                                  compute_capability=self.options.compute_capability or "CURRENT",
+                                  input_size=onnx.spec.input_size)
+        path = default_engine_path(self.workspace, onnx, module, self.precision, self.batch_size)
+        return build_from_onnx(trt, onnx, settings, path, self.calib_dir, self.workspace / "engines" / "timing.cache")
+
+    @property
+    def onnx_precision(self) -> str:
+        """The precision of the ONNX to convert: TensorRT 10 builds FP16 / INT8 from the FP32 graph."""
+        if self.backend == "tensorrt":
+            from utils.trt import TrtModule, import_trt  # noqa: PLC0415
+
+            if not TrtModule.of(import_trt(self.options.trt_module)).strongly_typed:
+                return "FP32"
+        return self.precision
+
+    def runnable(self, artifact: Artifact) -> Artifact:
+        """``artifact`` with the NMS overrides applied where NMS runs outside the file (core flavour)."""
+        if self.nms.any() and artifact.flavour == "core":
+            return replace(artifact, spec=artifact.spec.with_nms(**asdict(self.nms)))
+        return artifact
+
+    def open(self, artifact: Artifact):
+        """The runner of ``artifact`` (utils.runtime): use it as a context manager."""
+        return open_runner(self.runnable(artifact), self.batch_size, self.options)
+
+    def key(self, artifact: Artifact) -> dict:
+        """What results of this plan on ``artifact`` depend on: the file's content, the backend, flavour,
+        precision and TensorRT module really used, the effective NMS, the decode path and runtime options."""
+        runnable = self.runnable(artifact)
+        return {"artifact": artifact.identity(), "backend": self.backend, "flavour": artifact.flavour,
+                "precision": artifact.precision,
+                "trt_module": artifact.trt_module or (self.options.trt_module if self.backend == "tensorrt" else None),
+                "nms": asdict(runnable.spec.nms), "decode": self.decode, "options": asdict(self.options)}
+
+    def describe(self) -> str:
+        """One line: what runs."""
+        what = self.location if self.source != "model" else (self.location or "the default model")
+        parts = [self.backend, self.flavour or "frozen graph", self.precision, f"batch {self.batch_size}",
+                 f"decode {self.decode}"] + ([self.options.trt_module] if self.options.trt_module else [])
+        return f"{what}: {', '.join(parts)}"
+
+
+# --- resolution, one value at a time --------------------------------------------------------------
+
+def _backend(choice: str, source: str) -> str:
+    if choice not in (*BACKENDS, "auto"):
+        raise UserError(f"unknown backend '{choice}'; choose one of auto, {', '.join(BACKENDS)}")
+    if source == "engine":
+        if choice not in ("auto", "tensorrt"):
+            raise UserError(f"an engine runs on the tensorrt backend, not {choice}; give --onnx FILE to use {choice}")
+        return "tensorrt"
+    if choice == "tensorflow" and source != "model":
+        raise UserError("the tensorflow backend runs the frozen graph; give -m MODEL instead of a converted file")
+    if choice != "auto":
+        return choice
+    candidates = ["tensorrt", "onnxruntime"] + (["tensorflow"] if source == "model" else [])
+    for candidate in candidates:
+        if installed(candidate):
+            return candidate
+    raise UserError("no inference runtime is installed; run: pip install -r requirements.txt")
+
+
+def _trt_module(backend: str, name: str | None, artifact: Artifact | None, compute_capability: str | None):
+    if backend != "tensorrt":
+        if name or compute_capability:
+            raise UserError(f"--trt-module and --compute-capability are TensorRT options; the {backend} backend does "
+                            f"not take them (add --backend tensorrt)")
+        return None
+    from utils.trt import TrtModule, import_trt  # noqa: PLC0415
+
+    built_by = artifact.trt_module.split()[0] if artifact is not None and artifact.trt_module else None
+    if name and built_by and name != built_by:
+        raise UserError(f"the engine {artifact.path} was built by {artifact.trt_module}, not {name}; drop --trt-module "
+                        f"or build the engine again with build_engine.py --trt-module {name}")
+    module = TrtModule.of(import_trt(name or built_by))
+    if compute_capability and not module.compute_capability_target:
+        raise UserError(f"--compute-capability targets TensorRT-RTX builds; {module.label} builds for the GPU present")
+    return module
+
+
+def _compute_capability(module, value: str | None) -> str | None:
+    from utils.trt import compute_capability_name  # noqa: PLC0415
+
+    return compute_capability_name(value) if module is not None and module.compute_capability_target else None
+
+
+def _flavour(choice: str | None, backend: str, module, artifact: Artifact | None) -> str | None:
+    choice = None if choice == "auto" else choice
+    if choice is not None and choice not in FLAVOURS:
+        raise UserError(f"unknown flavour '{choice}'; choose one of auto, {', '.join(FLAVOURS)}")
+    if artifact is not None:
+        if choice and choice != artifact.flavour:
+            raise UserError(f"{artifact.path} holds the {artifact.flavour} flavour, not {choice}; drop --flavour or "
+                            f"convert again with model.py --flavour {choice}")
+        return artifact.flavour
+    if backend == "tensorflow":
+        return None
+    return choice or ("portable" if backend == "onnxruntime" else module.default_flavour)
+
+
+def _precision(choice: str | None, backend: str, module, artifact: Artifact | None) -> str:
+    if choice is not None and choice not in PRECISIONS:
+        raise UserError(f"unknown precision {choice}; choose one of {', '.join(PRECISIONS)}")
+    if artifact is None:
+        precision = choice or "FP32"
+        if backend == "tensorflow" and precision != "FP32":
+            raise UserError(f"the tensorflow backend runs the frozen graph in FP32 only, not {precision}; use -p FP32")
+        return precision
+    fixed = artifact.kind == "engine" or backend == "onnxruntime" or module.strongly_typed
+    if choice and choice != artifact.precision and fixed:
+        raise UserError(f"{artifact.path} is {artifact.precision}; drop -p or convert again with model.py -p {choice}")
+    return choice or artifact.precision
+
+
+def _decode(choice: str, backend: str) -> str:
+    from utils.pipeline import resolve_decode  # noqa: PLC0415
+
+    takes_cuda = False
+    if backend == "onnxruntime" and choice != "cpu":
+        from utils.runtime.onnxruntime import cuda_available  # noqa: PLC0415
+
+        takes_cuda = cuda_available()
+    return resolve_decode(choice, takes_cuda, backend)
+
+
+def _frozen_artifact(model) -> Artifact:
+    """The TensorFlow reference: the frozen graph itself, its spec read with TensorFlow."""
+    from utils.converter import read_spec  # noqa: PLC0415
+    from utils.labels import label_map_for  # noqa: PLC0415
+
+    log.info("Loading TensorFlow frozen graph from %s", model.graph_path)
+    spec = read_spec(model)[3]
+    return Artifact("frozen", model.graph_path, spec, None, "FP32", model.name,
+                    label_map_for(model.labels, spec.num_classes))

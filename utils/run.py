@@ -1,0 +1,166 @@
+"""The one detection loop: files -> batches -> runner -> per-image results, in input order.
+
+detect_objects.py, voc_evaluation.py, the Ray path and the benchmarks all go through ``Executor``:
+
+    with open_executor(plan, artifact, workers=..., ray=None) as executor:
+        print(executor.settings())
+        for batch in executor.batches(files, keys):
+            for result in batch.results: ...
+
+The local executor opens one runner and reads, decodes and detects in this process
+(``detect_batches``); the Ray executor (utils.distributed) runs the same per-block step
+(``detect_rows``) in detector actors and yields the same results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from utils.pipeline import DECODE_NAMES, input_batches
+from utils.runtime.base import Runner, valid_rows
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class ImageResult:
+    """What happened to one input image."""
+
+    path: Path
+    key: str                               # the caller's id of the input (default: the path)
+    size: tuple[int, int] | None = None    # original (width, height), after EXIF rotation
+    image: Image.Image | None = None       # the RGB, EXIF-corrected original, when asked for (drawing)
+    rows: np.ndarray | None = None         # [M, 7] all detections of this image (normalised)
+    error: str | None = None
+    cpu_reason: str | None = None          # decode gpu: why the CPU decoded it instead
+
+
+@dataclass
+class BatchResult:
+    """One batch of inputs, in order, and how long it took."""
+
+    results: list[ImageResult]
+    inference_seconds: float = 0.0         # runner.detect on the batch
+    seconds: float = 0.0                   # read + preprocess + inference, from the previous batch's end
+    cpu_decoded: int = 0                   # decode gpu: files the CPU decoded instead
+    hardware_decoded: int = 0              # decode gpu: files the GPU's hardware JPEG engines decoded
+
+    @property
+    def detected(self) -> int:
+        return sum(result.error is None for result in self.results)
+
+
+@dataclass
+class InputList:
+    """Image files found in the arguments, and the arguments that were not usable."""
+
+    files: list[Path] = field(default_factory=list)
+    errors: list[ImageResult] = field(default_factory=list)
+
+
+def collect_images(arguments: Sequence[str]) -> InputList:
+    """Expand files and folders (images in a folder sorted by name, not recursive)."""
+    found = InputList()
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                found.errors.append(ImageResult(path, str(path), error=f"folder '{path}' holds no images "
+                                                                        f"({', '.join(sorted(IMAGE_SUFFIXES))})"))
+            found.files.extend(images)
+        else:
+            found.files.append(path)  # a missing file is reported when it is read
+    return found
+
+
+def detect_rows(runner: Runner, tensor) -> list[np.ndarray]:
+    """The [M, 7] detection rows of each image of a preprocessed batch (the step every executor runs)."""
+    if tensor is None or not len(tensor):
+        return []
+    detections, counts = runner.detect(tensor)
+    return [valid_rows(detections[index], counts[index]) for index in range(len(detections))]
+
+
+def detect_batches(runner: Runner, files: Sequence[Path], batch_size: int, decode: str = "cpu", workers: int = 0,
+                   keep_images: bool = False, keys: Sequence[str] | None = None) -> Iterator[BatchResult]:
+    """Files -> BatchResult of up to ``batch_size`` inputs, in input order; unreadable files carry an error.
+
+    ``decode`` (cpu | gpu) and ``workers`` choose the input path (utils.pipeline.input_batches).
+    """
+    keys = list(keys) if keys is not None else [str(path) for path in files]
+    position = 0
+    began = time.perf_counter()
+    for batch in input_batches(list(files), batch_size, runner.spec.input_size, workers, decode, keep_images):
+        results = [ImageResult(item.path, keys[position + index], item.size, item.image, error=item.error,
+                               cpu_reason=item.cpu_reason) for index, item in enumerate(batch.items)]
+        position += len(results)
+        started = time.perf_counter()
+        rows = detect_rows(runner, batch.tensor)
+        inference = time.perf_counter() - started
+        for result, found in zip((r for r in results if r.error is None), rows):
+            result.rows = found
+        yield BatchResult(results, inference, time.perf_counter() - began, batch.cpu_decoded, batch.hardware_decoded)
+        began = time.perf_counter()
+
+
+class Executor(Protocol):
+    name: str       # shown to the user, e.g. "ONNX Runtime"
+
+    def settings(self) -> list[str]:
+        """Lines about the engine and the input path, as the original sample printed them."""
+
+    def batches(self, files: Sequence[Path], keys: Sequence[str] | None = None,
+                keep_images: bool = False) -> Iterator[BatchResult]:
+        """Results of every file, in input order."""
+
+
+class LocalExecutor:
+    """This process: one runner, decode workers as threads (or the GPU input path)."""
+
+    def __init__(self, plan, runner: Runner, workers: int):
+        self.plan, self.runner, self.workers = plan, runner, workers
+        self.name = runner.name
+
+    def settings(self) -> list[str]:
+        return self.runner.settings() + [f"  * Image decode - {DECODE_NAMES[self.plan.decode]}"]
+
+    def batches(self, files, keys=None, keep_images=False) -> Iterator[BatchResult]:
+        return detect_batches(self.runner, files, self.plan.batch_size, self.plan.decode, self.workers, keep_images,
+                              keys)
+
+
+@contextlib.contextmanager
+def open_executor(plan, artifact, workers: int = 0, ray: str | None = None, ray_workers: int | None = None,
+                  fresh: bool = False) -> Iterator[Executor]:
+    """The executor of a plan's run on ``artifact``: local (``ray`` None) or a Ray cluster (``ray`` = "local"
+    to start one, else its address). ``fresh`` ignores the shards of an earlier identical Ray run."""
+    if ray is None:
+        with plan.open(artifact) as runner:
+            yield LocalExecutor(plan, runner, workers)
+        return
+    from utils.distributed import RayExecutor  # noqa: PLC0415
+
+    yield RayExecutor(plan, artifact, None if ray == "local" else ray, ray_workers, fresh)
+
+
+def coco_results(path: Path, rows: np.ndarray, size: tuple[int, int], threshold: float) -> list[dict]:
+    """COCO results-style entries of one image (rows [M, 7], size = original (width, height)):
+    bbox [x, y, width, height] in original pixels."""
+    from utils.draw import box_to_pixels  # noqa: PLC0415
+
+    width, height = size
+    entries = []
+    for row in rows[rows[:, 2] >= threshold]:
+        xmin, ymin, xmax, ymax = box_to_pixels(row, width, height)
+        entries.append({"image_id": Path(path).name, "category_id": int(row[1]),
+                        "bbox": [round(xmin, 2), round(ymin, 2), round(xmax - xmin, 2), round(ymax - ymin, 2)],
+                        "score": round(float(row[2]), 5)})
+    return entries
