@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for failure in inputs.errors:
         log.error(failure.error)
     with cli.user_errors():
+        cli.check_ray(args)
         coco = detect(args, inputs.files, single, failures) if inputs.files else []
         if args.json:
             write_text_atomic(args.json, json.dumps(coco, indent=1))

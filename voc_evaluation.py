@@ -95,16 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cli.setup_logging()
     with cli.user_errors():
+        cli.check_ray(args)
         plans = [cli.plan_from_args(args)]
         if args.compare and args.compare != plans[0].backend:
             other = argparse.Namespace(**{**vars(args), "backend": args.compare})
             if args.compare == "tensorflow":   # the reference runs the frozen graph as exported
                 other.precision, other.flavour = None, "auto"
             plans.append(cli.plan_from_args(other))
-        if args.ray:
-            from utils.distributed import import_ray  # noqa: PLC0415
-
-            import_ray()
         dataset = cli.voc_dataset(args, args.split)
         reports = []
         for plan in plans:

@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Files on disk -> detections, side by side with the engine alone, for each input path.
 
-For every batch size: the engine alone (input already on the device, bench_engine's measure), then
-JPEG files -> decoded + resized batches -> engine -> NMS -> host detections through
-utils.pipeline.input_batches with decode cpu on one worker thread, cpu on every core, and gpu
-(nvJPEG). The "outside" column is the share of end-to-end time not spent in the engine alone.
-Optionally (--voc) the VOC AP of the cpu and gpu decode paths on the same model. Works from an ONNX
-file and its sidecar JSON (no TensorFlow), so it runs on the GPU machine. Writes JSON.
+For every batch size: the engine alone (input already on the device, benchmarks.common.measure),
+then JPEG files -> decoded + resized batches -> engine -> NMS -> host detections through
+utils.run.detect_batches (the one detection loop) with decode cpu on one worker thread, cpu on every
+core, and gpu (nvJPEG). The "outside" column is the share of end-to-end time not spent in the engine
+alone. Optionally (--voc) the VOC AP of the cpu and gpu decode paths on the same model, through
+utils.evaluation.run_detections (label map from the file). Runs from a converted ONNX file (--onnx;
+it carries its own description, no TensorFlow), so it runs on the GPU machine; -m MODEL converts
+first. Writes JSON. Run from the repository root:
 
-  python benchmarks/bench_e2e.py workspace/models/<model>/<model>_core_FP16.onnx --images DIR \\
+  python -m benchmarks.bench_e2e --onnx workspace/models/<model>/<model>_core_FP16.onnx --images DIR \\
       --batches 1,64,256 --repeat 10 --json $OUT/e2e.json
-  python benchmarks/bench_e2e.py workspace/models/<pedestrian>_core_FP32.onnx --voc VOC2007 --labels person
+  python -m benchmarks.bench_e2e --onnx workspace/models/<pedestrian>_core_FP32.onnx --voc VOC2007
+  python -m benchmarks.bench_e2e --onnx pedestrian_core.onnx --images images --batches 1,2 --paths cpu1,cpu
 """
 
 from __future__ import annotations
@@ -25,30 +28,32 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.common import add_runtime_args, gpu_name, measure, parse_batches, resolve_plan, write_json
+from utils import cli
+from utils.run import detect_batches, open_executor
 
-from bench_engine import gpu_name, measure  # noqa: E402
-
-from utils.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
-from utils.converter import spec_from_dict  # noqa: E402
-from utils.files import write_text_atomic  # noqa: E402
-from utils.pipeline import input_batches, resolve_decode  # noqa: E402
+PATHS = ("cpu1", "cpu", "gpu", "gpu-cuda")
 
 
-def end_to_end(backend: OnnxRuntimeBackend, paths: list[Path], batch: int, workers: int, decode: str) -> dict:
-    """Images/s from files to host detections: a warm-up batch first, then timed from the moment the
-    first batch arrives (its wait, which includes starting the decode processes, is reported apart)."""
-    for warm in input_batches(paths[:batch], batch, backend.spec.input_size, workers, decode):
-        backend.detect(warm.tensor)
-    count, on_cpu, hardware, began = 0, 0, 0, time.perf_counter()
-    started = None
-    for loaded in input_batches(paths, batch, backend.spec.input_size, workers, decode):
+def decode_of(path: str) -> str:
+    """The --decode value of a row: cpu1 / cpu -> cpu, gpu / gpu-cuda -> gpu."""
+    return "cpu" if path.startswith("cpu") else "gpu"
+
+
+def end_to_end(runner, paths: list[Path], batch: int, workers: int, decode: str) -> dict:
+    """Images/s from files to host detections through utils.run.detect_batches: a warm-up batch first, then
+    timed from the moment the first batch arrives (its wait, which includes starting the decode processes,
+    is reported apart)."""
+    for _ in detect_batches(runner, paths[:batch], batch, decode, workers):
+        pass
+    count, on_cpu, hardware, startup, started = 0, 0, 0, 0.0, None
+    for result in detect_batches(runner, paths, batch, decode, workers):
         if started is None:                  # steady state: timed from the first batch's arrival
-            startup, started = time.perf_counter() - began, time.perf_counter()
-        count += len(loaded.items)
-        backend.detect(loaded.tensor)
-        on_cpu, hardware = on_cpu + loaded.cpu_decoded, hardware + loaded.hardware_decoded
+            done = time.perf_counter()
+            startup = result.seconds - result.inference_seconds
+            started = done - result.inference_seconds
+        count += len(result.results)
+        on_cpu, hardware = on_cpu + result.cpu_decoded, hardware + result.hardware_decoded
     seconds = time.perf_counter() - started
     return {"images": count, "seconds": seconds, "img_per_s": count / seconds, "cpu_decoded": on_cpu,
             "hardware_decoded": hardware, "first_batch_s": startup}
@@ -68,93 +73,118 @@ def gpu_decoder(path: str):
             os.environ["SSD_NVJPEG_HARDWARE"] = saved
 
 
-def voc_ap(onnx: Path, spec, precision: str, flavour: str, voc: Path, labels: str | None, batch: int,
-           workers: int) -> dict:
-    """VOC AP of the model with decode cpu and decode gpu (same engine, same images)."""
+def voc_ap(args: argparse.Namespace, artifact, paths: list[str], batch: int, workers: int) -> dict:
+    """VOC AP of the model for each decode path among cpu, gpu, gpu-cuda (same file, same images), through
+    utils.evaluation.run_detections on a local executor (utils.run.open_executor)."""
     from utils import evaluation as ev  # noqa: PLC0415
-    from utils.labels import label_map_for  # noqa: PLC0415
     from utils.voc import evaluate, load_dataset, mean_ap  # noqa: PLC0415
 
-    dataset = load_dataset(voc, "test", None)
-    label_map = label_map_for(labels, spec.num_classes)
-    detectable = ev.detectable_classes(label_map)
+    dataset = load_dataset(args.voc, "test", args.limit)
+    detectable = ev.detectable_classes(artifact.labels)
     report = {}
-    for path in ("cpu", "gpu", "gpu-cuda"):
-        backend = OnnxRuntimeBackend.from_onnx(str(onnx), spec, precision, batch, flavour)
-        with gpu_decoder(path):
-            detections, stats = ev.run_detections(backend, dataset, label_map, batch, workers,
-                                                  resolve_decode(path.split("-")[0], backend))
+    for path in paths:
+        plan = resolve_plan(args, "onnxruntime", batch, decode_of(path))
+        with gpu_decoder(path), open_executor(plan, artifact, workers=workers) as executor:
+            detections, stats = ev.run_detections(executor, dataset, artifact.labels, plan.decode,
+                                                  f"VOC decode {path}")
         results = evaluate(dataset, detections)
-        report[path] = {"mAP": mean_ap(results, detectable), "images": stats.images,
-                          "cpu_decoded": stats.cpu_decoded,
-                          "ap": {r.name: r.ap for r in results if r.name in detectable}}
-    report["delta_points"] = (report["gpu"]["mAP"] - report["cpu"]["mAP"]) * 100
-    report["delta_points_gpu_cuda"] = (report["gpu-cuda"]["mAP"] - report["cpu"]["mAP"]) * 100
+        report[path] = {"mAP": mean_ap(results, detectable), "images": stats.images, "cpu_decoded": stats.cpu_decoded,
+                        "ap": {r.name: r.ap for r in results if r.name in detectable}}
+    if "cpu" in report and "gpu" in report:
+        report["delta_points"] = (report["gpu"]["mAP"] - report["cpu"]["mAP"]) * 100
+    if "cpu" in report and "gpu-cuda" in report:
+        report["delta_points_gpu_cuda"] = (report["gpu-cuda"]["mAP"] - report["cpu"]["mAP"]) * 100
     return report
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("onnx", type=Path, help="a converted graph with its sidecar .json beside it")
+def voc_line(voc: dict) -> str:
+    line = "VOC mAP " + ", ".join(f"decode {path} {voc[path]['mAP']:.4f}" for path in ("cpu", "gpu", "gpu-cuda")
+                                  if path in voc)
+    if "delta_points" in voc:
+        line += (f"; gpu - cpu {voc['delta_points']:+.2f} points ({voc['gpu']['cpu_decoded']} images decoded on the "
+                 f"CPU by the gpu path)")
+    if "delta_points_gpu_cuda" in voc:
+        line += f"; gpu-cuda (torchvision) - cpu {voc['delta_points_gpu_cuda']:+.2f} points"
+    return line
+
+
+def parse_paths(text: str) -> list[str]:
+    paths = text.split(",")
+    unknown = [path for path in paths if path not in PATHS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown path {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_e2e", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_source_args(parser)
+    add_runtime_args(parser)
     parser.add_argument("--images", type=Path, help="folder of JPEGs for the speed table")
-    parser.add_argument("--batches", default="1,64,256")
+    parser.add_argument("--batches", type=parse_batches, default=parse_batches("1,64,256"),
+                        help="batch sizes (default 1,64,256)")
     parser.add_argument("--repeat", type=int, default=5, help="passes over the images in the gpu rows (batch > 1)")
-    parser.add_argument("--paths", default="cpu1,cpu,gpu,gpu-cuda",
+    parser.add_argument("--paths", type=parse_paths, default=list(PATHS),
                         help="rows: cpu1 (one decode thread), cpu (all cores), gpu (hardware nvJPEG if installed), "
-                             "gpu-cuda (torchvision's nvJPEG on CUDA)")
+                             "gpu-cuda (torchvision's nvJPEG on CUDA) (default: all four)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds of the engine-only figure")
-    parser.add_argument("--nhwc", action="store_true", help="CUDA provider prefer_nhwc")
-    parser.add_argument("--cuda-graph", action="store_true", help="ONNX Runtime CUDA graphs (CUDA only)")
-    parser.add_argument("--voc", type=Path, help="also the VOC AP with decode cpu vs gpu on this VOC2007 folder")
-    parser.add_argument("--labels", choices=("coco", "person"), default=None, help="label set for --voc")
+    parser.add_argument("--voc", type=Path, metavar="VOC2007",
+                        help="also the VOC AP of the decode paths in --paths (cpu1 counts as cpu) on this VOC2007 "
+                             "folder, batch 64, every core")
+    parser.add_argument("--limit", type=int, default=None, help="with --voc: the first N image ids only")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval for the run (the GIL hand-over period; Python's default 0.005 s)")
     parser.add_argument("--json", type=Path, default=Path("bench_e2e.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    cli.setup_logging()
 
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    sidecar = json.loads(args.onnx.with_suffix(".json").read_text(encoding="utf-8"))
-    spec, key = spec_from_dict(sidecar["spec"]), sidecar["key"]
     cores = os.cpu_count() or 1
+    voc_paths = list(dict.fromkeys("cpu" if path == "cpu1" else path for path in args.paths))
     rows = []
-    if args.images:
-        images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-        for batch in (int(b) for b in args.batches.split(",")):
-            def session() -> OnnxRuntimeBackend:       # one per row: a CUDA graph is bound to its buffers
-                return OnnxRuntimeBackend.from_onnx(str(args.onnx), spec, key["precision"], batch, key["flavour"],
-                                                    cuda_graph=args.cuda_graph, prefer_nhwc=args.nhwc)
-
-            backend = session()
-            engine = batch / statistics.median(measure(backend, batch, args.seconds, 10))
-            row = {"batch": batch, "device": backend.device, "engine_img_per_s": engine}
-            for path in args.paths.split(","):
-                backend = session()
-                decode, workers = ("cpu", 1) if path == "cpu1" else (path.split("-")[0], cores)
-                passes = args.repeat if decode == "gpu" and batch > 1 else 1
-                with gpu_decoder(path):
-                    result = end_to_end(backend, images * passes, batch, workers, resolve_decode(decode, backend))
-                row[path] = {**result, "workers": workers, "outside_engine": 1 - result["img_per_s"] / engine}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    machine = f"{gpu_name()}, {os.cpu_count()} CPU cores"
-    print(f"\n{args.onnx.name}: {key['flavour']} {key['precision']}, nhwc={args.nhwc}, cuda_graph={args.cuda_graph}; "
-          f"{machine}; {date.today()}")
-    paths = args.paths.split(",")
-    print(f"{'batch':>6}{'engine img/s':>14}" + "".join(f"{p + ' img/s':>13}{'outside':>9}" for p in paths))
-    for row in rows:
-        print(f"{row['batch']:>6}{row['engine_img_per_s']:>14.0f}" + "".join(
-            f"{row[p]['img_per_s']:>13.0f}{row[p]['outside_engine'] * 100:>8.0f}%" for p in paths))
-    report = {"onnx": args.onnx.name, "flavour": key["flavour"], "precision": key["precision"], "nhwc": args.nhwc,
-              "cuda_graph": args.cuda_graph, "switch_interval": sys.getswitchinterval(),
-              "machine": machine, "date": date.today().isoformat(), "rows": rows}
-    if args.voc:
-        report["voc"] = voc_ap(args.onnx, spec, key["precision"], key["flavour"], args.voc, args.labels, 64, cores)
-        print(f"VOC mAP decode cpu {report['voc']['cpu']['mAP']:.4f}, gpu {report['voc']['gpu']['mAP']:.4f}: "
-              f"delta {report['voc']['delta_points']:+.2f} points ({report['voc']['gpu']['cpu_decoded']} images "
-              f"decoded on the CPU by the gpu path); gpu-cuda (torchvision) {report['voc']['gpu-cuda']['mAP']:.4f}, "
-              f"delta {report['voc']['delta_points_gpu_cuda']:+.2f}")
-    write_text_atomic(args.json, json.dumps(report, indent=1))
+    with cli.user_errors():
+        # every plan resolved first: a decode path that cannot run here fails before anything is measured
+        batches = args.batches if args.images else []
+        plans = {(batch, decode): resolve_plan(args, "onnxruntime", batch, decode)
+                 for batch in batches for decode in ["cpu", *dict.fromkeys(map(decode_of, args.paths))]}
+        if args.voc:
+            for path in voc_paths:
+                resolve_plan(args, "onnxruntime", 64, decode_of(path))
+        artifact = resolve_plan(args, "onnxruntime", 1).prepare()   # ONNX Runtime runs one file at every batch
+        if args.images:
+            images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+            for batch in batches:
+                # one runner per row: a CUDA graph is bound to its buffers
+                with plans[batch, "cpu"].open(artifact) as runner:
+                    engine = batch / statistics.median(measure(runner, batch, args.seconds, 10))
+                    row = {"batch": batch, "device": runner.device, "engine_img_per_s": engine}
+                for path in args.paths:
+                    decode = decode_of(path)
+                    workers = 1 if path == "cpu1" else cores
+                    passes = args.repeat if decode == "gpu" and batch > 1 else 1
+                    with gpu_decoder(path), plans[batch, decode].open(artifact) as runner:
+                        result = end_to_end(runner, images * passes, batch, workers, decode)
+                    row[path] = {**result, "workers": workers, "outside_engine": 1 - result["img_per_s"] / engine}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        machine = f"{gpu_name()}, {os.cpu_count()} CPU cores"
+        print(f"\n{artifact.path.name}: {artifact.flavour} {artifact.precision}, nhwc={args.nhwc}, "
+              f"cuda_graph={args.cuda_graph}; {machine}; {date.today()}")
+        print(f"{'batch':>6}{'engine img/s':>14}" + "".join(f"{p + ' img/s':>13}{'outside':>9}" for p in args.paths))
+        for row in rows:
+            print(f"{row['batch']:>6}{row['engine_img_per_s']:>14.0f}" + "".join(
+                f"{row[p]['img_per_s']:>13.0f}{row[p]['outside_engine'] * 100:>8.0f}%" for p in args.paths))
+        report = {"onnx": artifact.path.name, "flavour": artifact.flavour, "precision": artifact.precision,
+                  "nhwc": args.nhwc, "cuda_graph": args.cuda_graph, "switch_interval": sys.getswitchinterval(),
+                  "machine": machine, "date": date.today().isoformat(), "rows": rows}
+        if args.voc:
+            report["voc"] = voc_ap(args, artifact, voc_paths, 64, cores)
+            print(voc_line(report["voc"]))
+    write_json(args.json, report)
     return 0
 
 

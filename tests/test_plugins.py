@@ -12,7 +12,7 @@ from plugin import reference
 from utils import tf_graph
 from utils.anchors import grid_anchors
 from utils.converter import read_spec
-from utils.onnx_export import FLAVOURS, grid_anchor_fields, nms_fields
+from utils.onnx_export import grid_anchor_fields, nms_fields
 from utils.postprocess import decode_boxes, multiclass_nms, sigmoid
 from utils.ssd_spec import AnchorSpec, NmsSpec, SsdSpec
 
@@ -38,7 +38,8 @@ def _predictions(spec: SsdSpec, count: int, seed: int = 0) -> tuple[list, list]:
     return boxes, logits
 
 
-@pytest.mark.parametrize("model_fixture", ["pedestrian_model", "inception_model"])
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("model_fixture", ["pedestrian_model", pytest.param("inception_model", marks=pytest.mark.slow)])
 def test_grid_anchor_equals_tensorflows_anchor_subgraph(model_fixture, request):
     graph_def, _, nodes, spec = read_spec(request.getfixturevalue(model_fixture))
     (tf_anchors,) = tf_graph.evaluate(graph_def, [nodes.anchor_concat])
@@ -53,6 +54,7 @@ def test_grid_anchor_equals_tensorflows_anchor_subgraph(model_fixture, request):
     np.testing.assert_array_equal(priors[1].reshape(-1, 4), np.float32(spec.variances)[None].repeat(len(tf_anchors), 0))
 
 
+@pytest.mark.tensorflow
 def test_flatten_concat_equals_tensorflows_reshape_and_concat():
     tf = tf_graph.import_tensorflow()
     boxes, logits = _predictions(SPEC, count=3)
@@ -160,15 +162,15 @@ def test_importing_the_ops_is_cheap_and_needs_no_tensorflow():
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
 
 
-@pytest.mark.skipif("trt-plugins" not in FLAVOURS, reason="utils.onnx_export has no trt-plugins flavour yet")
+@pytest.mark.tensorflow
 def test_trt_plugins_equals_portable_equals_tensorflow(pedestrian_model, shared_dir):
     import onnxruntime as ort
 
+    from conftest import open_model
     from plugin import ort_ops
-    from utils.backends import create_backend
-    from utils.backends.base import valid_rows
     from utils.converter import convert
     from utils.preprocess import load_image, preprocess
+    from utils.runtime import valid_rows
 
     voc = sorted((shared_dir / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[:8]
     paths = sorted(IMAGES_DIR.glob("*.jpg")) + voc
@@ -181,7 +183,8 @@ def test_trt_plugins_equals_portable_equals_tensorflow(pedestrian_model, shared_
     portable = ort.InferenceSession(str(convert(pedestrian_model, "portable").onnx_path),
                                     providers=["CPUExecutionProvider"])
     results["portable"] = tuple(portable.run(None, {"Input": batch}))
-    results["tensorflow"] = create_backend("tensorflow", pedestrian_model, log=lambda _: None).detect(batch)
+    with open_model(pedestrian_model, "tensorflow", batch_size=count) as reference:
+        results["tensorflow"] = reference.detect(batch)
 
     reference_rows = [valid_rows(d, n, 0.3) for d, n in zip(*results["tensorflow"])]
     assert sum(len(rows) for rows in reference_rows) > 0

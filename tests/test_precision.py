@@ -4,19 +4,20 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import IMAGES_DIR
-from utils.backends import create_backend
-from utils.backends.base import valid_rows
+from conftest import IMAGES_DIR, open_model
 from utils.converter import convert
 from utils.errors import UserError
 from utils.preprocess import load_image, preprocess
+from utils.runtime import valid_rows
+
+pytestmark = pytest.mark.tensorflow
 
 PHOTOS = [IMAGES_DIR / name for name in ("person.jpg", "kite.jpg", "dog.jpg", "horses.jpg")]
 
 
 def _detect(model, precision, flavour="portable"):
-    backend = create_backend("onnxruntime", model, precision, 4, log=lambda _: None, flavour=flavour)
-    return backend.detect(np.stack([preprocess(load_image(path)) for path in PHOTOS]))
+    with open_model(model, precision=precision, batch_size=4, flavour=flavour) as runner:
+        return runner.detect(np.stack([preprocess(load_image(path)) for path in PHOTOS]))
 
 
 def test_fp16_variant_keeps_the_fp32_detections(pedestrian_model):

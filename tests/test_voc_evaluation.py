@@ -53,7 +53,7 @@ def test_onnxruntime_keeps_tensorflows_person_ap(compared):
     assert 0.3 < ours < 1.0
     assert abs(ours - theirs) * 100 <= 0.3, (ours, theirs)
     assert "within the tolerance" in compared.stdout
-    table = compared.stdout.split("backend onnxruntime FP32\n")[1].splitlines()
+    table = compared.stdout.split("backend onnxruntime FP32 (portable)\n")[1].splitlines()
     assert table[19] .startswith("tvmonitor") and table[20].startswith("n/a: 19 classes")
     assert table[21].startswith("mAP: ")  # the last line of the table
     assert re.search(r"End to end: \d+\.\d images/s; inference only: \d+\.\d images/s", compared.stdout)
@@ -61,7 +61,7 @@ def test_onnxruntime_keeps_tensorflows_person_ap(compared):
 
 
 def test_result_files_parse_back_to_the_same_ap(compared, workspace, voc_dir):
-    folder = workspace / "results" / "ssdlite_mobilenet_v2_pedestrian" / "onnxruntime" / "FP32"
+    folder = workspace / "results" / "ssdlite_mobilenet_v2_pedestrian" / "onnxruntime" / "portable" / "FP32"
     files = sorted(p.name for p in folder.glob("det_test_*.txt"))
     assert len(files) == 20 and not list(folder.glob(".*tmp*"))
     lines = (folder / "det_test_person.txt").read_text().splitlines()
@@ -77,7 +77,7 @@ def test_cached_results_are_reused_and_a_real_gap_fails_the_comparison(compared,
     assert "Using cached onnxruntime detections" in again.stderr
     assert person_ap(again.stdout) == person_ap(compared.stdout, 0)
     # Degrade the cached TensorFlow person results: a real AP gap that --compare must refuse.
-    person = workspace / "results" / "ssdlite_mobilenet_v2_pedestrian" / "tensorflow" / "FP32" / "det_test_person.txt"
+    person = workspace / "results" / "ssdlite_mobilenet_v2_pedestrian" / "tensorflow" / "frozen" / "FP32" / "det_test_person.txt"
     lines = person.read_text().splitlines()
     person.write_text("".join(line + "\n" for line in lines[1::2]))
     gap = run("onnxruntime", "-d", str(voc_dir), "--limit", LIMIT, "--compare", "tensorflow",

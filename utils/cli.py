@@ -126,9 +126,12 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
                        help="detector actors (default: one per GPU of the cluster, else one per CPU)")
 
 
-def ray_address(args: argparse.Namespace) -> str | None:
-    """The address ray.init takes for --ray: None starts a local cluster."""
-    return None if args.ray == "local" else args.ray
+def check_ray(args: argparse.Namespace) -> None:
+    """With --ray, Ray must be installed: checked before anything is converted or built."""
+    if getattr(args, "ray", None):
+        from utils.distributed import import_ray  # noqa: PLC0415
+
+        import_ray()
 
 
 def nms_overrides(args: argparse.Namespace) -> NmsOverrides:

@@ -218,9 +218,10 @@ def build_target(module: TrtModule, settings: EngineSettings, cudart=None) -> st
 def engine_key(trt: ModuleType, onnx_path: Path, settings: EngineSettings, cudart=None) -> dict:
     """Everything an engine depends on (compared with the sidecar saved beside it)."""
     module = TrtModule.of(trt)
-    return {"format": ENGINE_FORMAT, "onnx_sha256": sha256_file(onnx_path), "flavour": settings.flavour,
-            "trt_module": module.module, "trt_version": module.version,
-            "target": build_target(module, settings, cudart), "options": asdict(settings)}
+    key = {"format": ENGINE_FORMAT, "onnx_sha256": sha256_file(onnx_path), "flavour": settings.flavour,
+           "trt_module": module.module, "trt_version": module.version,
+           "target": build_target(module, settings, cudart), "options": asdict(settings)}
+    return json.loads(json.dumps(key))     # as the sidecar stores it (tuples become lists)
 
 
 @dataclass

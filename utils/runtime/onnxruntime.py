@@ -157,7 +157,8 @@ class OnnxRuntimeRunner(Runner):
         outputs = self.run_network_on_device(batch) if on_device else self.run_network(batch)
         if self.flavour == "core":
             outputs = batched_multiclass_nms(*outputs, self.spec.nms)
-        detections, num_detections = (value.cpu().numpy() if on_device else value for value in outputs)
+        # copies: the bound output buffers are reused by the next run
+        detections, num_detections = (value.cpu().numpy() if on_device else np.array(value) for value in outputs)
         return detections, num_detections
 
     def settings(self) -> list[str]:
