@@ -63,7 +63,7 @@ def image_dir(tmp_path, voc_images) -> Path:
 
 def start(image_dir: Path, address: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, SCRIPT, str(image_dir), "--ray", address, "--ray-workers", "2",
-                             "-b", "1", "-m", "ssdlite_mobilenet_v2_pedestrian", "--backend", "onnxruntime",
+                             "-b", "1", "-m", "ssdlite_mobilenet_v2_pedestrian", "-w", str(WORKSPACE), "--backend", "onnxruntime",
                              "--json", str(image_dir.parent / "detections.json"), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
