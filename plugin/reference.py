@@ -11,8 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from utils.anchors import grid_anchors
-from utils.postprocess import decode_boxes, multiclass_nms, sigmoid
-from utils.onnx_export import TF_CENTER
+from utils.postprocess import TF_CENTER, decode_boxes, multiclass_nms, sigmoid
 from utils.ssd_spec import AnchorSpec, NmsSpec
 
 NMS_REQUIRED = {"shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0, "codeType": TF_CENTER,

@@ -150,7 +150,7 @@ def test_explicit_registry_name_never_falls_back(workspace):
     assert "\n" not in message
 
 
-def test_default_falls_back_to_pedestrian_with_one_warning(served, workspace, capsys):
+def test_default_falls_back_to_pedestrian_with_one_warning(served, workspace, caplog):
     pedestrian = _tarball_source(served, "ped", b"pedestrian graph", labels="person")
     registry = {DEFAULT_MODEL: _unreachable(), PEDESTRIAN_MODEL: pedestrian}
 
@@ -159,12 +159,12 @@ def test_default_falls_back_to_pedestrian_with_one_warning(served, workspace, ca
     assert model.name == PEDESTRIAN_MODEL
     assert model.labels == "person"
     assert model.graph_path.read_bytes() == b"pedestrian graph"
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert len(warnings) == 1
     assert DEFAULT_MODEL in warnings[0] and PEDESTRIAN_MODEL in warnings[0] and "-m" in warnings[0]
 
 
-def test_cached_default_needs_no_network(workspace, capsys):
+def test_cached_default_needs_no_network(workspace, caplog):
     graph = b"cached graph"
     cached = workspace / "models" / DEFAULT_MODEL / "frozen_inference_graph.pb"
     cached.parent.mkdir(parents=True)
@@ -173,7 +173,7 @@ def test_cached_default_needs_no_network(workspace, capsys):
     model = resolve_model(None, workspace, {DEFAULT_MODEL: _unreachable(graph)})
 
     assert model.name == DEFAULT_MODEL and model.graph_path == cached
-    assert "WARNING" not in capsys.readouterr().err
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
 
 
 def test_cached_file_of_wrong_size_is_reported(workspace):

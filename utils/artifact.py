@@ -20,7 +20,6 @@ from pathlib import Path
 from utils.errors import UserError
 from utils.ssd_spec import SsdSpec
 
-FLAVOURS = ("portable", "trt-plugins", "core")
 PRECISIONS = ("FP32", "FP16", "INT8")
 KINDS = ("onnx", "engine", "frozen")
 METADATA_KEY = "ssd_detector"
@@ -34,9 +33,27 @@ BOXES = "boxes"                      # float32 [N, anchors, 4] decoded, normalis
 SCORES = "scores"                    # float32 [N, anchors, classes] sigmoid (core)
 
 
-def outputs_of(flavour: str) -> tuple[str, str]:
-    """The two output tensors of a flavour, in the order runners return them."""
-    return (BOXES, SCORES) if flavour == "core" else (DETECTIONS, NUM_DETECTIONS)
+@dataclass(frozen=True)
+class Flavour:
+    """What a flavour of the converted graph is, for everything that reads one (converter, runners, builder).
+    The ONNX graph surgery of each flavour is utils.onnx_export.POSTPROCESSING[name]."""
+
+    name: str
+    outputs: tuple[str, str]     # the two output tensors, in the order runners return them
+    nms_inside: bool             # False: the runner applies utils.postprocess's NMS to (boxes, scores)
+    plugin_ops: bool             # GridAnchor_TRT / FlattenConcat_TRT / NMS_TRT nodes (plugin/ runs them in ORT)
+
+
+FLAVOUR_INFO = {info.name: info for info in (
+    Flavour("portable", (DETECTIONS, NUM_DETECTIONS), nms_inside=True, plugin_ops=False),
+    Flavour("trt-plugins", (DETECTIONS, NUM_DETECTIONS), nms_inside=True, plugin_ops=True),
+    Flavour("core", (BOXES, SCORES), nms_inside=False, plugin_ops=False),
+)}
+FLAVOURS = tuple(FLAVOUR_INFO)
+
+
+def flavour_info(name: str) -> Flavour:
+    return FLAVOUR_INFO[name]
 
 
 @dataclass(frozen=True)

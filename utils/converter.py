@@ -12,12 +12,13 @@ from typing import Sequence
 import onnx
 
 from utils import onnx_export, quantize, tf_graph
-from utils.artifact import FLAVOURS, PRECISIONS, Artifact, file_fingerprint, read_onnx, set_onnx_metadata
+from utils.artifact import FLAVOURS, PRECISIONS, Artifact, file_fingerprint, flavour_info, read_onnx, set_onnx_metadata
 from utils.errors import UserError
 from utils.files import atomic_path, write_text_atomic
 from utils.labels import label_map_for
 from utils.models import ResolvedModel
-from utils.ssd_spec import NmsOverrides, SsdSpec, read_ssd_spec  # noqa: F401  (NmsOverrides: re-exported)
+from utils.spec_reader import read_ssd_spec
+from utils.ssd_spec import NmsOverrides, SsdSpec  # noqa: F401  (NmsOverrides: re-exported)
 
 CONVERTER_VERSION = 2
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
         spec = spec.with_nms(**asdict(nms))
         artifact = Artifact("onnx", onnx_path, spec, flavour, precision, model.name,
                             label_map_for(model.labels, spec.num_classes))
-        extra = onnx_export.predictor_outputs(nodes.box_predictors) if flavour == "trt-plugins" else []
+        extra = onnx_export.predictor_outputs(nodes.box_predictors) if flavour_info(flavour).plugin_ops else []
         model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec, extra), spec, extra)
         model_proto.producer_name = "uff_ssd successor (tf2onnx + onnx-graphsurgeon)"
         set_onnx_metadata(model_proto, artifact)

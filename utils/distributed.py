@@ -15,10 +15,10 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from utils.artifact import INPUT, PRECISIONS, Artifact, engine_sidecar, read_engine
+from utils.artifact import INPUT, PRECISIONS, Artifact, engine_sidecar, flavour_info, read_engine
 from utils.errors import UserError
 from utils.files import write_bytes_atomic, write_text_atomic
 from utils.trt import TrtModule, collecting_logger, cuda_call, gpu_name
@@ -68,7 +68,7 @@ def _one_line(text: str, limit: int = 240) -> str:
 
 
 def _hint(settings: EngineSettings) -> str:
-    if settings.flavour == "core":
+    if not flavour_info(settings.flavour).nms_inside:
         return "the core flavour holds only the network, so report this with the TensorRT version"
     return "use --flavour core (the network only; NMS runs outside TensorRT)"
 

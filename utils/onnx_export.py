@@ -18,13 +18,13 @@ import numpy as np
 
 from utils import anchors as anchor_math
 from utils import tf_graph
-from utils.artifact import BOXES, DETECTIONS, FLAVOURS, INPUT, NUM_DETECTIONS, SCORES  # noqa: F401
+from utils.artifact import BOXES, DETECTIONS, INPUT, NUM_DETECTIONS, SCORES
 from utils.errors import UserError
+from utils.postprocess import TF_CENTER
 from utils.ssd_spec import SsdSpec
 
 OPSET = 17
 PLUGIN_DOMAIN = "ai.onnx.contrib"   # the only domain ONNX Runtime custom ops (plugin/) can use
-TF_CENTER = 3                       # CodeTypeSSD::TF_CENTER in TensorRT's NvInferPluginUtils.h
 POST_PREFIX = "post_"               # names of the nodes added after the network (kept FP32 in variants)
 BOX_ENCODINGS = "box_encodings"
 CLASS_LOGITS = "class_logits"

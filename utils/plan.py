@@ -19,7 +19,7 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from utils.artifact import FLAVOURS, PRECISIONS, Artifact, read_artifact
+from utils.artifact import FLAVOURS, PRECISIONS, Artifact, flavour_info, read_artifact
 from utils.errors import UserError
 from utils.runtime import BACKENDS, RuntimeOptions, installed, open_runner
 from utils.ssd_spec import NmsOverrides
@@ -65,7 +65,7 @@ class Plan:
         if artifact is not None and artifact.max_batch_size and batch_size > artifact.max_batch_size:
             raise UserError(f"batch size {batch_size} exceeds the engine's maximum {artifact.max_batch_size}; use -b "
                             f"{artifact.max_batch_size} or build the engine with build_engine.py -b {batch_size}")
-        if nms.any() and (backend == "tensorflow" or (artifact is not None and artifact.flavour != "core")):
+        if nms.any() and (backend == "tensorflow" or (artifact is not None and flavour_info(artifact.flavour).nms_inside)):
             where = "the frozen graph" if backend == "tensorflow" else f"the converted file {artifact.path}"
             raise UserError(f"NMS options cannot change {where} (its NMS is inside); convert with model.py and the "
                             f"NMS options, or run the core flavour")
@@ -128,8 +128,8 @@ class Plan:
         return self.precision
 
     def runnable(self, artifact: Artifact) -> Artifact:
-        """``artifact`` with the NMS overrides applied where NMS runs outside the file (core flavour)."""
-        if self.nms.any() and artifact.flavour == "core":
+        """``artifact`` with the NMS overrides applied where NMS runs outside the file (the core flavour)."""
+        if self.nms.any() and artifact.flavour and not flavour_info(artifact.flavour).nms_inside:
             return replace(artifact, spec=artifact.spec.with_nms(**asdict(self.nms)))
         return artifact
 

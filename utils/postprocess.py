@@ -15,6 +15,8 @@ from array_api_compat import is_torch_namespace
 
 from utils.ssd_spec import NmsSpec
 
+TF_CENTER = 3   # CodeTypeSSD::TF_CENTER in TensorRT's NvInferPluginUtils.h: the decoding below (NMS_TRT codeType)
+
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float32)

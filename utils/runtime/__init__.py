@@ -8,7 +8,9 @@ import importlib.util
 
 from utils.artifact import Artifact
 from utils.errors import UserError
-from utils.runtime.base import Runner, RuntimeOptions, valid_rows  # noqa: F401
+from utils.runtime.base import Runner, RuntimeOptions, valid_rows
+
+__all__ = ["BACKENDS", "Runner", "RuntimeOptions", "backend_of", "installed", "open_runner", "valid_rows"]
 
 BACKENDS = ("tensorrt", "onnxruntime", "tensorflow")
 KIND_OF = {"tensorrt": "engine", "onnxruntime": "onnx", "tensorflow": "frozen"}

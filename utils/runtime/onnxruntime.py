@@ -15,14 +15,14 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from utils.artifact import BOXES, DETECTIONS, INPUT, NUM_DETECTIONS, SCORES, Artifact
+from utils.artifact import BOXES, DETECTIONS, INPUT, NUM_DETECTIONS, SCORES, Artifact, flavour_info
 from utils.postprocess import batched_multiclass_nms
 from utils.runtime.base import Runner, RuntimeOptions
 
 
 def session_options(flavour: str) -> ort.SessionOptions:
-    """Session options for a flavour (custom ops registered for trt-plugins)."""
-    if flavour == "trt-plugins":
+    """Session options for a flavour (plugin/'s custom ops registered for the TensorRT plugin nodes)."""
+    if flavour_info(flavour).plugin_ops:
         from plugin.ort_ops import session_options as plugin_session_options  # noqa: PLC0415
 
         options = plugin_session_options()
@@ -106,7 +106,7 @@ class OnnxRuntimeRunner(Runner):
         providers = ([("CUDAExecutionProvider", cuda_provider_options(options.cuda_graph, options.nhwc))]
                      if on_cuda else []) + ["CPUExecutionProvider"]
         flavour = artifact.flavour
-        if flavour == "trt-plugins":
+        if flavour_info(flavour).plugin_ops:
             from plugin.ort_ops import inference_session  # noqa: PLC0415  (list fields as ORT can read them)
 
             self.session = inference_session(str(artifact.path), providers, session_options(flavour))
@@ -120,7 +120,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _outputs(self, count: int) -> dict[str, tuple[list[int], type]]:
         anchors, classes = self.spec.num_anchors, self.spec.num_classes
-        if self.flavour == "core":
+        if not flavour_info(self.flavour).nms_inside:
             return {BOXES: ([count, anchors, 4], np.float32), SCORES: ([count, anchors, classes], np.float32)}
         return {DETECTIONS: ([count, self.spec.max_detections, 7], np.float32), NUM_DETECTIONS: ([count], np.int32)}
 
@@ -155,7 +155,7 @@ class OnnxRuntimeRunner(Runner):
     def detect(self, batch) -> tuple[np.ndarray, np.ndarray]:
         on_device = not isinstance(batch, np.ndarray)
         outputs = self.run_network_on_device(batch) if on_device else self.run_network(batch)
-        if self.flavour == "core":
+        if not flavour_info(self.flavour).nms_inside:
             outputs = batched_multiclass_nms(*outputs, self.spec.nms)
         # copies: the bound output buffers are reused by the next run
         detections, num_detections = (value.cpu().numpy() if on_device else np.array(value) for value in outputs)

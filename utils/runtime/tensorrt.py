@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.artifact import INPUT, Artifact, outputs_of
+from utils.artifact import INPUT, Artifact, flavour_info
 from utils.errors import UserError
 from utils.files import write_bytes_atomic
 from utils.postprocess import batched_multiclass_nms
@@ -116,12 +116,12 @@ class TensorRTRunner(Runner):
         self._copy(source, count, to_device=True)
         if not self.context.execute_async_v3(self.stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
-        outputs = [self.buffers[n] for n in outputs_of(self.flavour)]
+        outputs = [self.buffers[n] for n in flavour_info(self.flavour).outputs]
         for buffer in outputs:
             self._copy(buffer, count, to_device=False)
         cuda_call(self.cudart.cudaStreamSynchronize(self.stream))
         first, second = (buffer.host[:count].copy() for buffer in outputs)
-        if self.flavour == "core":
+        if not flavour_info(self.flavour).nms_inside:
             return batched_multiclass_nms(first, second, self.spec.nms)
         return first, second
 
