@@ -56,18 +56,18 @@ def parse_batches(text: str) -> list[int]:
 def measure(runner, batch: int, seconds: float, warmup: int) -> list[float]:
     """Per-run times (s) of an ONNX Runtime runner's bound run alone (input already on the device, outputs
     left there), after ``warmup`` runs; at least 20 runs, for at least ``seconds``."""
-    if not hasattr(runner, "run_network"):
+    if not hasattr(runner, "bound_run"):
         raise TypeError(f"the engine-alone timing needs the ONNX Runtime runner, not {runner.name}")
     rng = np.random.default_rng(0)
     width, height = runner.spec.input_size
     runner.run_network(rng.uniform(-1, 1, (batch, 3, height, width)).astype(np.float32))  # binds, fills the input
-    bound = runner.binding(batch).binding
+    run = runner.bound_run(batch)
     for _ in range(warmup):
-        runner.session.run_with_iobinding(bound)
+        run()
     times, deadline = [], time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 20:
         start = time.perf_counter()
-        runner.session.run_with_iobinding(bound)
+        run()
         times.append(time.perf_counter() - start)
     return times
 

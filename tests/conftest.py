@@ -26,7 +26,7 @@ def shared_dir() -> Path:
     value = os.environ.get("SSD_SHARED_DIR")
     if not value:
         pytest.skip("SSD_SHARED_DIR is not set (it points at ../shared with the real models and data)")
-    path = Path(value)
+    path = Path(value).resolve()   # absolute: tests run scripts from other folders
     if not path.is_dir():
         pytest.skip(f"SSD_SHARED_DIR={value} is not a folder")
     return path

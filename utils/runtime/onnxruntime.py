@@ -12,12 +12,16 @@ are then torch tensors bound by address, and the core flavour's NMS runs on the 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnxruntime as ort
 
 from utils.artifact import BOXES, DETECTIONS, INPUT, NUM_DETECTIONS, SCORES, Artifact, flavour_info
 from utils.postprocess import batched_multiclass_nms
 from utils.runtime.base import Runner, RuntimeOptions
+
+log = logging.getLogger(__name__)
 
 
 def session_options(flavour: str) -> ort.SessionOptions:
@@ -92,6 +96,18 @@ class DeviceBinding:
         return [value[:count] for value in self.outputs.values()]
 
 
+def _session(artifact: Artifact, on_cuda: bool, cuda_graph: bool, nhwc: bool) -> ort.InferenceSession:
+    """An InferenceSession on the artifact's file (CUDA provider first when ``on_cuda``)."""
+    providers = ([("CUDAExecutionProvider", cuda_provider_options(cuda_graph, nhwc))] if on_cuda else []
+                 ) + ["CPUExecutionProvider"]
+    options = session_options(artifact.flavour)
+    if flavour_info(artifact.flavour).plugin_ops:
+        from plugin.ort_ops import inference_session  # noqa: PLC0415  (list fields as ORT can read them)
+
+        return inference_session(str(artifact.path), providers, options)
+    return ort.InferenceSession(str(artifact.path), options, providers=providers)
+
+
 def cuda_available() -> bool:
     """ONNX Runtime here has its CUDA provider (onnxruntime-gpu)."""
     return "CUDAExecutionProvider" in ort.get_available_providers()
@@ -103,19 +119,21 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, artifact: Artifact, max_batch_size: int, options: RuntimeOptions = RuntimeOptions()):
         """A session on ``artifact``'s ONNX file (CUDA when ONNX Runtime has it and ``options.use_cuda``)."""
         on_cuda = options.use_cuda and cuda_available()
-        providers = ([("CUDAExecutionProvider", cuda_provider_options(options.cuda_graph, options.nhwc))]
-                     if on_cuda else []) + ["CPUExecutionProvider"]
-        flavour = artifact.flavour
-        if flavour_info(flavour).plugin_ops:
-            from plugin.ort_ops import inference_session  # noqa: PLC0415  (list fields as ORT can read them)
-
-            self.session = inference_session(str(artifact.path), providers, session_options(flavour))
-        else:
-            self.session = ort.InferenceSession(str(artifact.path), session_options(flavour), providers=providers)
+        cuda_graph = options.cuda_graph and on_cuda
+        try:
+            self.session = _session(artifact, on_cuda, cuda_graph, options.nhwc)
+        except Exception as exc:  # noqa: BLE001  (ONNX Runtime raises its own Fail / RuntimeException)
+            if not cuda_graph:
+                raise
+            # ONNX Runtime captures a graph only when every node runs on CUDA (e.g. --nhwc can leave some on the CPU)
+            log.warning("ONNX Runtime cannot capture a CUDA graph of %s (%s); running without --cuda-graph",
+                        artifact.path.name, " ".join(str(exc).split())[:160])
+            cuda_graph = False
+            self.session = _session(artifact, on_cuda, cuda_graph, options.nhwc)
         device = "CUDA" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "CPU"
         super().__init__(artifact, max_batch_size, device)
-        self.flavour = flavour
-        self.cuda_graph = options.cuda_graph and device == "CUDA"
+        self.flavour = artifact.flavour
+        self.cuda_graph = cuda_graph and device == "CUDA"
         self.bindings: dict = {}
 
     def _outputs(self, count: int) -> dict[str, tuple[list[int], type]]:
@@ -139,6 +157,12 @@ class OnnxRuntimeRunner(Runner):
             self.bindings[key] = (DeviceBinding(self.session, shape, outputs) if on_device
                                  else HostBinding(self.session, self.device.lower(), shape, outputs))
         return self.bindings[key]
+
+    def bound_run(self, count: int):
+        """The engine alone, for benchmarks: a no-argument callable that runs the graph on the bound buffers
+        of a batch of ``count`` (input already on the device, outputs left there)."""
+        binding = self.binding(count).binding
+        return lambda: self.session.run_with_iobinding(binding)
 
     def run_network(self, batch: np.ndarray) -> list[np.ndarray]:
         """The ONNX graph's outputs for one batch (the engine alone, for benchmarks)."""
