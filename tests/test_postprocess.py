@@ -42,7 +42,7 @@ def test_batched_nms_with_no_candidates():
     np.testing.assert_array_equal(got, multiclass_nms(boxes, scores * 0, nms)[0])
 
 
-@pytest.mark.parametrize("onnx_fixture", ["pedestrian_onnx", "inception_onnx"])
+@pytest.mark.parametrize("onnx_fixture", ["pedestrian_onnx", pytest.param("inception_onnx", marks=pytest.mark.slow)])
 def test_batched_nms_equals_reference_on_model_outputs(onnx_fixture, request, shared_dir):
     """The core graph's real outputs on VOC photos: the same detections, bit for bit."""
     import onnxruntime as ort
