@@ -1,11 +1,9 @@
 """Image files -> network input on the GPU: nvJPEG decode (torchvision), TF's legacy resize and the
 scaling in a few batched kernels, the batch left on the device for the engine.
 
-Decoders, measured on the H100 machine (300 VOC photos, batch 256, one thread): nvImageCodec on the
-GPU's hardware JPEG engines (NVJPG) 14 400 images/s, pixels equal to libjpeg's within 6e-5 grey
-levels on average, no SMs used; torchvision's nvJPEG on CUDA 10 300-12 200 images/s, 1.5 grey levels
-from libjpeg (another 4:2:0 chroma upsampling). The hardware decoder is used when nvImageCodec is
-installed, torchvision's for what it refuses (progressive files, say) or without it.
+Decoders: nvImageCodec on the GPU's hardware JPEG engines (NVJPG; no SMs used, pixels as libjpeg's)
+when it is installed; torchvision's nvJPEG on CUDA (another 4:2:0 chroma upsampling) for what it
+refuses (progressive files, say) or without it. Their speed and accuracy: benchmarks/README.md.
 
 Imported only when ``--decode gpu`` is chosen (it needs torch and torchvision built with CUDA).
 Files are read and their headers checked in worker threads, ahead of the GPU. A file nvJPEG cannot
@@ -35,8 +33,7 @@ from utils.jpeg import JpegHeader, orient, read_jpeg_header
 from utils.pipeline import PREFETCH_BATCHES, InputBatch, LoadedImage, load_one
 from utils.preprocess import PIXEL_SCALE, legacy_taps
 
-# Reader threads: more only add GIL contention with the decode thread and the caller (measured on the
-# 16-core H100 machine, loader alone at batch 256: 1 thread 4 170 images/s, 2: 3 700, 4: 3 000, 8: 2 440).
+# Reader threads: more only add GIL contention with the decode thread and the caller (benchmarks/README.md).
 READ_WORKERS = int(os.environ.get("SSD_GPU_READ_THREADS", "1"))    # 0: read in the decode thread
 
 
@@ -216,8 +213,8 @@ class GpuImageLoader:
         """Yield InputBatch of up to ``batch_size`` files, in input order.
 
         Reading runs ahead and one producer thread (its own CUDA stream) decodes and resizes the
-        next batch while the caller works on this one. Decode processes were measured slower (1
-        process 1 640 images/s, 3 processes 1 080: without MPS the GPU time-slices between contexts).
+        next batch while the caller works on this one (threads, not decode processes: without MPS the
+        GPU time-slices between processes; benchmarks/README.md).
         """
         paths = list(paths)
         ready: Queue = Queue(maxsize=PREFETCH_BATCHES)

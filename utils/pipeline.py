@@ -2,8 +2,8 @@
 
 Workers are threads running ``utils.preprocess`` (the one preprocessing function): Pillow's JPEG
 decoder and numpy's array operations release the GIL, so they run in parallel without copying
-every decoded tensor between processes (measured: worker processes capped the H100 machine at
-about 210 images/s by pickling 1 MB per image). Results keep the input order.
+every decoded tensor between processes (pickling 1 MB per image made worker processes slower;
+benchmarks/README.md). Results keep the input order.
 
 ``input_batches`` is the one entry point of the scripts: ``decode="cpu"`` is this module's path,
 ``decode="gpu"`` is utils.gpu_input's (nvJPEG; imported only then).
