@@ -28,7 +28,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchmarks.common import add_runtime_args, gpu_name, measure, parse_batches, resolve_plan, write_json
+from benchmarks.common import (add_runtime_args, comma_choices, gpu_name, measure, parse_batches, resolve_plan,
+                               write_json)
 from utils import cli
 from utils.run import detect_batches, open_executor
 
@@ -108,14 +109,6 @@ def voc_line(voc: dict) -> str:
     return line
 
 
-def parse_paths(text: str) -> list[str]:
-    paths = text.split(",")
-    unknown = [path for path in paths if path not in PATHS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown path {', '.join(unknown)}; choose from {', '.join(PATHS)}")
-    return paths
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_e2e", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=parse_batches, default=parse_batches("1,64,256"),
                         help="batch sizes (default 1,64,256)")
     parser.add_argument("--repeat", type=int, default=5, help="passes over the images in the gpu rows (batch > 1)")
-    parser.add_argument("--paths", type=parse_paths, default=list(PATHS),
+    parser.add_argument("--paths", type=comma_choices(PATHS), default=list(PATHS),
                         help="rows: cpu1 (one decode thread), cpu (all cores), gpu (hardware nvJPEG if installed), "
                              "gpu-cuda (torchvision's nvJPEG on CUDA) (default: all four)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds of the engine-only figure")

@@ -22,20 +22,12 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-from benchmarks.common import resolve_plan, write_json
+from benchmarks.common import comma_choices, resolve_plan, write_json
 from utils import cli
 from utils.evaluation import run_detections
 from utils.pipeline import default_workers
 from utils.run import open_executor
 from utils.runtime import BACKENDS
-
-
-def parse_backends(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [name for name in names if name not in BACKENDS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown backend {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--workers", type=int, default=default_workers(),
                         help="decode worker threads (default: one per core)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", type=parse_backends, default=["onnxruntime", "tensorflow"],
+    parser.add_argument("--backends", type=comma_choices(BACKENDS), default=["onnxruntime", "tensorflow"],
                         help="comma-separated, compared to the last (default: onnxruntime,tensorflow)")
     parser.add_argument("--json", type=Path, default=Path("bench_eval.json"))
     args = parser.parse_args(argv)

@@ -42,6 +42,20 @@ def resolve_plan(args: argparse.Namespace, backend: str, batch_size: int, decode
     return Plan.resolve(**{**options, **overrides})
 
 
+def comma_choices(allowed, convert=str):
+    """An argparse type: comma-separated values, each one of ``allowed`` ("cpu,gpu" -> ["cpu", "gpu"])."""
+    def parse(text: str) -> list:
+        try:
+            values = [convert(value) for value in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"cannot read '{text}'") from None
+        unknown = [str(value) for value in values if value not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(map(str, allowed))}")
+        return values
+    return parse
+
+
 def parse_batches(text: str) -> list[int]:
     """"1,8,32" -> [1, 8, 32] (argparse type)."""
     try:

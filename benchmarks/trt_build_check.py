@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.common import comma_choices
 from utils import cli, converter
 from utils.artifact import FLAVOURS, PRECISIONS
 from utils.engine import EngineSettings, build_engine, parse_onnx
@@ -103,17 +104,6 @@ def print_table(rows: list[Row]) -> None:
               f"{r.layers if r.layers is not None else '-':>6}  {detail}")
 
 
-def _choices(allowed: tuple, convert=str):
-    def parse(text: str) -> list:
-        values = [convert(value) for value in text.split(",")]
-        unknown = [str(value) for value in values if value not in allowed]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from "
-                                             f"{', '.join(map(str, allowed))}")
-        return values
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.trt_build_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="TensorRT module (default: the first installed of tensorrt, tensorrt_rtx)")
     parser.add_argument("--compute-capability", default="SM86",
                         help="TensorRT-RTX build target (86, 8.6 or SM86; default SM86)")
-    parser.add_argument("--flavours", type=_choices(FLAVOURS), default=list(FLAVOURS),
+    parser.add_argument("--flavours", type=comma_choices(FLAVOURS), default=list(FLAVOURS),
                         help=f"comma-separated (default: {','.join(FLAVOURS)})")
-    parser.add_argument("--precisions", type=_choices(PRECISIONS), default=list(PRECISIONS),
+    parser.add_argument("--precisions", type=comma_choices(PRECISIONS), default=list(PRECISIONS),
                         help=f"comma-separated (default: {','.join(PRECISIONS)})")
-    parser.add_argument("--batches", type=_choices(BATCHES, int), default=list(BATCHES),
+    parser.add_argument("--batches", type=comma_choices(BATCHES, int), default=list(BATCHES),
                         help=f"profiles 1..N, comma-separated (default: {','.join(map(str, BATCHES))})")
     parser.add_argument("--json", type=Path, default=None, help="default: WORKSPACE/trt_build_check.json")
     args = parser.parse_args(argv)
