@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-f", "--force", action="store_true", help="run the detector even if cached results match")
     parser.add_argument("--compare", choices=BACKENDS, help="also evaluate this backend (same model) and compare")
     parser.add_argument("--tolerance", type=float, default=0.5,
-                        help="largest |mAP difference| in AP points that --compare accepts (default 0.5)")
+                        help="largest |mAP difference| in AP points that --compare accepts (default 0.5; a NaN mAP "
+                             "never passes)")
     parser.add_argument("--plot", action="store_true", help="write a PR-curve PNG into the results folder")
     cli.add_ray_args(parser)
     args = parser.parse_args(argv)
@@ -51,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def evaluate_plan(plan, args, dataset):
-    """Detections of one plan (run or cached) -> (ClassAp list, RunStats, artifact, results folder)."""
+def run_plan(plan, args, dataset):
+    """Detections of one plan (run, or cached when run.json and its result files match) -> (artifact,
+    results folder, detections by class, RunStats)."""
     artifact = plan.prepare()
     folder = ev.results_dir(args.workspace, artifact.model, plan.backend, artifact.flavour, artifact.precision)
     key = ev.run_key(dataset, plan.key(artifact))
@@ -68,12 +70,12 @@ def evaluate_plan(plan, args, dataset):
     else:
         log.info(f"Using cached {plan.backend} detections from {folder} (-f to run again)")
         detections, stats = cached
-    return evaluate(dataset, detections), stats, artifact, folder
+    return artifact, folder, detections, stats
 
 
 def print_report(plan, artifact, args, dataset, results, stats, detectable) -> float:
     score = mean_ap(results, detectable)
-    print(f"\nVOC2007 {dataset.split}: {stats.images} images, model {artifact.model}, backend {plan.backend} "
+    print(f"\nVOC2007 {dataset.split}: {len(dataset.images)} images, model {artifact.model}, backend {plan.backend} "
           f"{artifact.precision}" + (f" ({artifact.flavour})" if artifact.flavour else ""))
     print("\n".join(ev.ap_lines(results, detectable)))
     undetectable = [r.name for r in results if r.name not in detectable]
@@ -91,42 +93,68 @@ def print_report(plan, artifact, args, dataset, results, stats, detectable) -> f
     return score
 
 
+def undefined_ap(backend, results, score, detectable, dataset) -> str | None:
+    """Why an AP or the mAP of a backend is NaN (the gate refuses it), or None."""
+    nan_classes = [r.name for r in results if r.name in detectable and ev.is_nan(r.ap)]
+    if nan_classes:
+        return f"{backend}: AP of {', '.join(nan_classes)} is NaN"
+    if ev.is_nan(score):
+        if not detectable:
+            return f"{backend}: mAP is NaN: the model detects no VOC class"
+        return (f"{backend}: mAP is NaN: none of the {len(dataset.images)} evaluated images has non-difficult "
+                f"ground truth of the classes the model detects ({', '.join(sorted(detectable))})")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cli.setup_logging()
     with cli.user_errors():
         cli.check_ray(args)
-        plans = [cli.plan_from_args(args)]
-        if args.compare and args.compare != plans[0].backend:
-            other = argparse.Namespace(**{**vars(args), "backend": args.compare})
-            if args.compare == "tensorflow":   # the reference runs the frozen graph as exported
-                other.precision, other.flavour = None, "auto"
-            plans.append(cli.plan_from_args(other))
+        plans = ev.plans_to_compare(args)
         dataset = cli.voc_dataset(args, args.split)
-        reports = []
-        for plan in plans:
-            results, stats, artifact, folder = evaluate_plan(plan, args, dataset)
+        total = len(dataset.images) + len(dataset.skipped)
+        for reason in dataset.skipped:
+            log.warning(f"skipped {reason}")
+        if not dataset.images:
+            log.error(f"no image to evaluate: all {total} images of {dataset.root} ({dataset.split}) were skipped")
+            return EXIT_SOME_INPUTS_FAILED
+        runs = [(plan, *run_plan(plan, args, dataset)) for plan in plans]
+        unreadable = list(dict.fromkeys(key for *_, stats in runs for key in stats.failed_ids))
+        for reason in dict.fromkeys(reason for *_, stats in runs for reason in stats.failed):
+            log.warning(f"skipped {reason}")
+        # An image that could not be read leaves the ground truth too (for every backend compared).
+        evaluated = dataset.without(unreadable)
+        reports, problems = [], []
+        for plan, artifact, folder, detections, stats in runs:
+            results = evaluate(evaluated, detections)
             detectable = ev.detectable_classes(artifact.labels)
-            ev.log_skipped(dataset, stats)
-            score = print_report(plan, artifact, args, dataset, results, stats, detectable)
+            score = print_report(plan, artifact, args, evaluated, results, stats, detectable)
             if args.plot:
                 path = ev.plot_pr_curves(results, detectable, f"{artifact.model} — {plan.backend} {artifact.precision}",
                                          folder / f"pr_curves_{dataset.split}.png")
                 print(f"Saved PR curves to: {path}")
-            reports.append((plan.backend, results, score, stats, detectable))
-        failures = len(dataset.skipped) + len(reports[0][3].failed)
+            reports.append((plan.backend, results, score, detectable))
+            if evaluated.images:
+                problems.append(undefined_ap(plan.backend, results, score, detectable, evaluated))
+        failures = len(dataset.skipped) + len(unreadable)
         if failures:
-            log.info(f"{failures} of {failures + reports[0][3].images} images skipped (see warnings)")
+            log.info(f"{failures} of {total} images skipped (see warnings); their ground truth is left out of the AP")
+        passed = True
         if len(reports) == 2:
-            (name, ours, our_map, _, detectable), (their_name, theirs, their_map, _, _) = reports
-            delta = (our_map - their_map) * 100
+            (name, ours, our_map, detectable), (their_name, theirs, their_map, _) = reports
             print(f"\n{name} vs {their_name}:")
             print("\n".join(ev.compare_lines(ours, theirs, name, their_name, detectable)))
-            verdict = "within" if abs(delta) <= args.tolerance else "OUTSIDE"
-            print(f"mAP {our_map:.4f} vs {their_map:.4f}: delta {delta:+.2f} points, {verdict} the tolerance "
-                  f"of {args.tolerance} points")
-            if abs(delta) > args.tolerance:
-                return EXIT_SOME_INPUTS_FAILED
+            verdict, passed = ev.comparison(our_map, their_map, args.tolerance)
+            print(verdict)
+        if not evaluated.images:
+            problems = [f"no image could be evaluated: {failures} of {total} images were skipped (see warnings)"]
+        problems = [problem for problem in problems if problem]
+        if problems:
+            log.error("; ".join(problems))
+            return EXIT_SOME_INPUTS_FAILED
+        if not passed:
+            return EXIT_SOME_INPUTS_FAILED
     return EXIT_OK
 
 

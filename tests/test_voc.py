@@ -164,10 +164,36 @@ def test_detections_to_voc_maps_coco_names():
     ])
     voc = detections_to_voc(rows, width=200, height=100, label_map=COCO_LABELS)
     assert set(voc) == {"person", "aeroplane", "pottedplant"}
-    np.testing.assert_allclose(voc["person"], [[0.9, 20, 20, 100, 60], [0.5, 0, 0, 100, 50]])
-    np.testing.assert_allclose(voc["aeroplane"], [[0.8, 0, 0, 200, 100]])
-    np.testing.assert_allclose(voc["pottedplant"], [[0.7, 50, 50, 150, 100]])
+    # The devkit's 1-based pixels: x * width + 1 (py-faster-rcnn's writer adds 1 to every coordinate).
+    np.testing.assert_allclose(voc["person"], [[0.9, 21, 21, 101, 61], [0.5, 1, 1, 101, 51]])
+    np.testing.assert_allclose(voc["aeroplane"], [[0.8, 1, 1, 201, 101]])
+    np.testing.assert_allclose(voc["pottedplant"], [[0.7, 51, 51, 151, 101]])
     assert detections_to_voc(np.zeros((0, 7)), 200, 100, COCO_LABELS) == {}
+
+
+def test_result_files_are_in_the_devkits_one_based_pixels(tmp_path):
+    # A detector whose continuous box is the ground truth's less one pixel (0-based, as py-faster-rcnn and
+    # mmdetection read the XML) lands exactly on the ground truth in the result file.
+    width, height = 353, 500
+    truth = (48.0, 240.0, 195.0, 371.0)                     # 000001's dog, 1-based as in its XML
+    normalised = [(truth[0] - 1) / width, (truth[1] - 1) / height, (truth[2] - 1) / width, (truth[3] - 1) / height]
+    voc = detections_to_voc(np.array([[0, 18, 0.9, *normalised]]), width, height, COCO_LABELS)
+    write_results(tmp_path, "test", {"dog": [("000001", *map(float, row)) for row in voc["dog"]]})
+    assert (tmp_path / "det_test_dog.txt").read_text() == "000001 0.900000 48.0 240.0 195.0 371.0\n"
+    back = read_results(tmp_path, "test")["dog"]
+    result = evaluate_class("dog", [image("000001", gt(truth))], back)
+    assert result.ap == 1.0
+
+
+def test_without_drops_the_images_and_their_ground_truth():
+    dataset = VocDataset(Path("."), "test", IMAGES, ["x: missing image"])
+    perfect = {"dog": [("a", 0.9, *A), ("a", 0.8, *B), ("a", 0.7, *C)]}   # misses b's dog D
+    assert evaluate(dataset, perfect)[VOC_CLASSES.index("dog")].num_positives == 4
+    less = dataset.without(["b"])
+    assert [item.image_id for item in less.images] == ["a", "c"] and less.skipped == dataset.skipped
+    dog = evaluate(less, perfect)[VOC_CLASSES.index("dog")]
+    assert dog.num_positives == 3 and dog.ap == 1.0
+    assert [item.image_id for item in dataset.images] == ["a", "b", "c"]   # unchanged
 
 
 def test_default_voc_dir(monkeypatch, tmp_path):
@@ -240,3 +266,12 @@ def test_broken_images_are_skipped_with_reasons(voc_root, tmp_path):
     assert reasons["000006"].startswith("missing image") and "000006.jpg" in reasons["000006"]
     assert reasons["000008"] == "incomplete annotation (no bndbox/xmax)"
     assert all("\n" not in reason for reason in dataset.skipped)
+
+
+def test_image_list_that_is_not_utf8_is_one_line(tmp_path):
+    """Issue 16, item 6: a split list that is not UTF-8 is a one-line UserError, not a traceback."""
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_bytes(b"000001\n\xff\xfe\x00garbage\n")
+    with pytest.raises(UserError, match="is not UTF-8 text") as info:
+        load_dataset(tmp_path, "test")
+    assert "\n" not in str(info.value)

@@ -18,13 +18,16 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
 from utils.pipeline import DECODE_NAMES, input_batches
 from utils.runtime.base import Runner, valid_rows
+
+if TYPE_CHECKING:
+    from utils.coco import ImageIds
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -151,16 +154,13 @@ def open_executor(plan, artifact, workers: int = 0, ray: str | None = None, ray_
     yield RayExecutor(plan, artifact, None if ray == "local" else ray, ray_workers, fresh)
 
 
-def coco_results(path: Path, rows: np.ndarray, size: tuple[int, int], threshold: float) -> list[dict]:
-    """COCO results-style entries of one image (rows [M, 7], size = original (width, height)):
-    bbox [x, y, width, height] in original pixels."""
-    from utils.draw import box_to_pixels  # noqa: PLC0415
+def coco_results(path: Path, rows: np.ndarray, size: tuple[int, int], threshold: float,
+                 ids: ImageIds | None = None) -> list[dict]:
+    """COCO results-style entries of one image (rows [M, 7], size = original (width, height)): integer
+    image_id by ``ids`` (utils.coco.ImageIds, built once from all the inputs and, with --coco-annotations,
+    the annotation file; without it, by the path alone), category_id = the model's class id, bbox
+    [x, y, width, height] in original pixels, and file_name when the id is a stable integer."""
+    from utils.coco import ImageIds, result_entries  # noqa: PLC0415
 
-    width, height = size
-    entries = []
-    for row in rows[rows[:, 2] >= threshold]:
-        xmin, ymin, xmax, ymax = box_to_pixels(row, width, height)
-        entries.append({"image_id": Path(path).name, "category_id": int(row[1]),
-                        "bbox": [round(xmin, 2), round(ymin, 2), round(xmax - xmin, 2), round(ymax - ymin, 2)],
-                        "score": round(float(row[2]), 5)})
-    return entries
+    ids = ids if ids is not None else ImageIds()
+    return result_entries(ids[path], rows, size, threshold)

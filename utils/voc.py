@@ -15,7 +15,7 @@ from utils.errors import UserError
 from utils.files import write_text_atomic
 from utils.labels import COCO_TO_VOC, VOC_CLASSES
 
-# One detection of a class: image id, score, xmin, ymin, xmax, ymax (pixels).
+# One detection of a class: image id, score, xmin, ymin, xmax, ymax (the devkit's 1-based pixels).
 Detection = tuple[str, float, float, float, float, float]
 
 _HOW_TO_SET = "pass -d/--voc-dir or set $VOC_DIR to a VOCdevkit/VOC2007 folder"
@@ -49,6 +49,13 @@ class VocDataset:
     split: str
     images: list[VocImage]
     skipped: list[str]
+
+    def without(self, image_ids: Iterable[str]) -> VocDataset:
+        """The same split less the given images (e.g. those that could not be read): their ground truth
+        leaves the AP's denominator too."""
+        drop = set(image_ids)
+        return VocDataset(self.root, self.split, [image for image in self.images if image.image_id not in drop],
+                          self.skipped)
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,11 @@ def load_dataset(root: Path, split: str = "test", limit: int | None = None) -> V
     list_path = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_path.is_file():
         raise UserError(f"image list not found: {list_path} ({_HOW_TO_SET})")
-    ids = list_path.read_text(encoding="utf-8").split()[:limit]
+    try:
+        ids = list_path.read_text(encoding="utf-8").split()[:limit]
+    except (UnicodeDecodeError, OSError) as exc:
+        reason = "is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"cannot be read ({exc.strerror})"
+        raise UserError(f"image list {list_path} {reason}; it should hold one image id per line") from None
     images, skipped = [], []
     for image_id in ids:
         loaded = _load_image(root, image_id)
@@ -137,16 +148,23 @@ def load_dataset(root: Path, split: str = "test", limit: int | None = None) -> V
     return VocDataset(root, split, images, skipped)
 
 
+# The devkit's pixel convention: 1-based pixel indices (the ground truth's, and its voc_eval's +1 widths).
+# A detector's boxes are continuous coordinates from 0 (x * width); the community's writers
+# (py-faster-rcnn, Detectron: "the VOCdevkit expects 1-based indices") add 1 to every coordinate.
+DEVKIT_OFFSET = 1.0
+
+
 def detections_to_voc(rows: np.ndarray, width: int, height: int,
                       label_map: Mapping[int, str]) -> dict[str, np.ndarray]:
     """One image's [M, 7] rows (normalised boxes) by VOC class, as [K, 5] (score, xmin, ymin, xmax, ymax).
 
-    Boxes become pixels as ``x * width`` and ``y * height``. Labels are named by ``label_map``
-    (model id -> COCO name) and then ``COCO_TO_VOC``; those with no VOC class are dropped.
+    Boxes become the devkit's 1-based pixels: ``x * width + 1`` and ``y * height + 1`` (DEVKIT_OFFSET).
+    Labels are named by ``label_map`` (model id -> COCO name) and then ``COCO_TO_VOC``; those with no VOC
+    class are dropped.
     """
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, 7)
     labels = rows[:, 1].astype(np.int64)
-    scaled = np.column_stack([rows[:, 2], rows[:, 3:7] * np.array([width, height, width, height])])
+    scaled = np.column_stack([rows[:, 2], rows[:, 3:7] * np.array([width, height, width, height]) + DEVKIT_OFFSET])
     by_class: dict[str, list[int]] = {}
     for label in np.unique(labels):
         voc_name = COCO_TO_VOC.get(label_map.get(int(label), ""))
@@ -159,10 +177,16 @@ def _results_path(folder: Path, split: str, name: str) -> Path:
     return Path(folder) / f"det_{split}_{name}.txt"
 
 
+def result_paths(folder: Path, split: str) -> list[Path]:
+    """The 20 devkit result files of a split, in VOC_CLASSES order."""
+    return [_results_path(folder, split, name) for name in VOC_CLASSES]
+
+
 def write_results(folder: Path, split: str, detections: dict[str, list[Detection]]) -> list[Path]:
     """Write the devkit result file ``det_<split>_<class>.txt`` per VOC class, atomically; returns the paths.
 
-    Lines are ``<image_id> <score> <xmin> <ymin> <xmax> <ymax>``; a class with none gets an empty file.
+    Lines are ``<image_id> <score> <xmin> <ymin> <xmax> <ymax>`` with the boxes as given (the devkit's
+    1-based pixels: see :func:`detections_to_voc`); a class with none gets an empty file.
     """
     unknown = sorted(set(detections) - set(VOC_CLASSES))
     if unknown:
@@ -179,7 +203,8 @@ def write_results(folder: Path, split: str, detections: dict[str, list[Detection
 
 def read_results(folder: Path, split: str,
                  classes: Iterable[str] = VOC_CLASSES) -> dict[str, list[Detection]]:
-    """Parse the devkit result files written by :func:`write_results`."""
+    """Parse the devkit result files written by :func:`write_results` (boxes in 1-based pixels, as the
+    ground truth they are matched against)."""
     results = {}
     for name in classes:
         path = _results_path(folder, split, name)
