@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         from utils.artifact import read_onnx  # noqa: PLC0415
         from utils.engine import EngineSettings, build_from_onnx, default_engine_path  # noqa: PLC0415
         from utils.errors import UserError  # noqa: PLC0415
+        from utils.files import check_writable_file  # noqa: PLC0415
         from utils.trt import TrtModule, compute_capability_name, gpu_count, import_trt  # noqa: PLC0415
 
+        cli.check_workspace(args.workspace)
+        if args.engine is not None:
+            check_writable_file(args.engine, "--engine")
         onnx = read_onnx(args.onnx)
         trt = import_trt(args.trt_module)
         module = TrtModule.of(trt)

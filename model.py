@@ -42,10 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
     with cli.user_errors():
         from utils.converter import check_options, convert  # noqa: PLC0415
+        from utils.files import check_writable_file  # noqa: PLC0415
         from utils.models import resolve_model  # noqa: PLC0415
         from utils.quantize import calibration_images  # noqa: PLC0415
 
         check_options(args.flavour, args.precision)
+        cli.check_workspace(args.workspace)
+        if args.output is not None:
+            check_writable_file(args.output, "-o/--output")
         model = resolve_model(args.model, args.workspace)
         calibration = calibration_images(args.calib_dir) if args.precision == "INT8" else None
         converted = convert(model, args.flavour, args.precision, cli.nms_overrides(args), args.output, args.force,

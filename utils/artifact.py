@@ -171,6 +171,9 @@ def read_engine(path: Path) -> Artifact:
     except (OSError, ValueError):
         raise UserError(f"the sidecar '{side}' is unreadable; build the engine again with build_engine.py") from None
     data = record.get("artifact") if isinstance(record, dict) else None
+    if not isinstance(data, dict):
+        raise UserError(f"the sidecar '{side}' is not an engine record (no description of the engine); build the "
+                        f"engine again with build_engine.py")
     artifact = from_metadata("engine", path, data, "the sidecar")
     if not artifact.trt_module:
         raise UserError(f"the sidecar '{side}' does not name the TensorRT module that built the engine; "

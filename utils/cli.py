@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -127,11 +128,22 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_ray(args: argparse.Namespace) -> None:
-    """With --ray, Ray must be installed: checked before anything is converted or built."""
+    """With --ray, Ray must be installed and a cluster address must answer: checked before anything is
+    converted or built."""
     if getattr(args, "ray", None):
-        from utils.distributed import import_ray  # noqa: PLC0415
+        from utils.distributed import check_address, import_ray  # noqa: PLC0415
 
         import_ray()
+        if args.ray != "local":
+            check_address(args.ray)
+
+
+def check_workspace(workspace: Path) -> None:
+    """-w/--workspace must be a folder (or not exist yet): a one-line UserError for a file."""
+    workspace = Path(workspace)
+    if workspace.exists() and not workspace.is_dir():
+        raise UserError(f"-w/--workspace '{workspace}' is a file, not a folder; give a folder (default: "
+                        f"{DEFAULT_WORKSPACE})")
 
 
 def nms_overrides(args: argparse.Namespace) -> NmsOverrides:
@@ -142,6 +154,7 @@ def plan_from_args(args: argparse.Namespace, backend: str | None = None):
     """The Plan (utils.plan) of a script's arguments; ``backend`` overrides args.backend."""
     from utils.plan import Plan  # noqa: PLC0415
 
+    check_workspace(args.workspace)
     return Plan.resolve(model=args.model, onnx=args.onnx, engine=args.engine, workspace=args.workspace,
                         backend=backend or args.backend, flavour=args.flavour, precision=args.precision,
                         batch_size=args.batch_size, decode=args.decode, nms=nms_overrides(args),
@@ -168,6 +181,13 @@ def setup_logging(verbose: bool = False) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("ray", "tensorflow", "tf2onnx", "onnx_graphsurgeon"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.showwarning = _warning_line
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (a library's, e.g. Pillow's) as one ``warning: ...`` line, not its source line."""
+    text = " ".join(str(message).split())
+    logging.getLogger("py.warnings").warning(f"{text} ({category.__name__})")
 
 
 @contextlib.contextmanager

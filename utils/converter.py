@@ -38,8 +38,14 @@ class ConvertedModel:
         return self.artifact.spec
 
 
-def default_onnx_path(model: ResolvedModel, flavour: str, precision: str) -> Path:
-    return model.output_dir / f"{model.name}_{flavour}_{precision}.onnx"
+_NMS_NAMES = {"score_threshold": "score", "iou_threshold": "iou", "top_k": "top", "keep_top_k": "keep"}
+
+
+def default_onnx_path(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverrides = NmsOverrides()) -> Path:
+    """``<output_dir>/<model>_<flavour>_<precision>[_score0.3_iou0.5_top100_keep50].onnx``: each set of NMS
+    overrides has its own file, so alternating them does not convert again every time."""
+    overrides = "".join(f"_{_NMS_NAMES[name]}{value:g}" for name, value in asdict(nms).items() if value is not None)
+    return model.output_dir / f"{model.name}_{flavour}_{precision}{overrides}.onnx"
 
 
 def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverrides = NmsOverrides(),
@@ -82,8 +88,11 @@ def _cached(onnx_path: Path, key_path: Path, key: dict) -> tuple[Artifact | None
         return None, None
     try:
         record = json.loads(key_path.read_text(encoding="utf-8"))
-        if not isinstance(record, dict) or record.get("key") != key:
-            return None, "the model or the options changed"
+        if not isinstance(record, dict) or not isinstance(record.get("key"), dict):
+            return None, "its key file is not a conversion record"
+        if record["key"] != key:
+            changed = sorted(name for name in key if record["key"].get(name) != key[name])
+            return None, f"{', '.join(changed) or 'the model or the options'} changed"
         if record.get("file") != file_fingerprint(onnx_path):
             return None, "the ONNX file differs from the one converted (truncated or replaced)"
         return read_onnx(onnx_path), None
@@ -104,7 +113,7 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
     check_options(flavour, precision)
     if precision == "INT8" and calibration_images is None:
         calibration_images = quantize.calibration_images()
-    onnx_path = Path(output) if output else default_onnx_path(model, flavour, precision)
+    onnx_path = Path(output) if output else default_onnx_path(model, flavour, precision, nms)
     key_path = onnx_path.with_suffix(".convert.json")   # not .json: an engine sidecar of the same stem may sit there
     calibration = quantize.calibration_fingerprint(calibration_images) if precision == "INT8" else None
     key = cache_key(model, flavour, precision, nms, calibration)

@@ -14,6 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +26,8 @@ from typing import Iterator
 import numpy as np
 
 from utils.artifact import Artifact
-from utils.errors import UserError
-from utils.files import write_text_atomic
+from utils.errors import EXIT_USAGE, UserError
+from utils.files import os_reason, write_text_atomic
 from utils.run import BatchResult, ImageResult
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ MERGED = "detections.jsonl"
 ATTEMPTS = 3              # pipeline runs before the missing blocks are given up
 STALL_SECONDS = 120       # a pipeline that makes no progress this long fails and is run again
 DETECTOR_CPUS = 0.5       # a CPU detector reserves half a CPU: one actor per CPU leaves room to decode
+PROBE_TIMEOUT_S = 5       # a cluster address must accept a connection within this
+CONNECT_TIMEOUT_S = 20    # and Ray must have joined it within this
 READ_CPUS = 0.25          # differs from DETECTOR_CPUS, so Ray Data keeps decoding in tasks, not in the actors
 
 
@@ -71,22 +76,82 @@ def import_ray() -> ModuleType:
     return ray
 
 
+def _bootstrap_address(address: str) -> str | None:
+    """The host:port Ray will dial for ``address`` (it reads "auto" from the environment and replaces
+    127.0.0.1 / localhost by this node's IP); a one-line UserError when there is none."""
+    if address.startswith("ray://"):
+        return address[len("ray://"):].split("/", 1)[0]
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # noqa: PLC0415
+
+        return canonicalize_bootstrap_address(address)
+    except ConnectionError as exc:
+        raise UserError(f"cannot join the Ray cluster at '{address}': {' '.join(str(exc).split())}") from None
+    except ValueError:
+        raise UserError(f"cannot join the Ray cluster at '{address}': not HOST:PORT, 'auto' or ray://HOST:PORT; "
+                        f"give the head node's address (ray start --head prints it)") from None
+    except Exception:  # noqa: BLE001  (Ray's private helper moved: probe what was given)
+        return address
+
+
+def check_address(address: str) -> None:
+    """Fail in one line, within PROBE_TIMEOUT_S, when nothing answers at a cluster address (Ray itself
+    would retry for minutes)."""
+    target = _bootstrap_address(address)
+    if target is None:
+        return
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise UserError(f"cannot join the Ray cluster at '{address}': not HOST:PORT, 'auto' or ray://HOST:PORT")
+    shown = f"'{address}'" + (f" ({target})" if target != address else "")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except socket.timeout:
+        raise UserError(f"cannot join the Ray cluster at {shown}: no answer within {PROBE_TIMEOUT_S} s; "
+                        f"check the address (ray start --head prints it) or drop it to start a local cluster") from None
+    except OSError as exc:
+        raise UserError(f"cannot join the Ray cluster at {shown}: {os_reason(exc)}; check the address (ray start "
+                        f"--head prints it) or drop it to start a local cluster") from None
+
+
 def connect(address: str | None) -> None:
-    """Join the cluster at ``address`` ("auto": the running one) or start a local one (None)."""
+    """Join the cluster at ``address`` ("auto": the running one) or start a local one (None).
+
+    Joining fails in one line within CONNECT_TIMEOUT_S: when Ray is still trying then, the process
+    ends (exit 2), since Ray's own connection loop cannot be interrupted.
+    """
     ray = import_ray()
     if ray.is_initialized():
         return
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                         "TF_CPP_MIN_LOG_LEVEL": "3"}}
+    watchdog = None
+    if address is not None:
+        check_address(address)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")   # Ray's retry lines: the one line below says it
+        watchdog = threading.Timer(CONNECT_TIMEOUT_S, _give_up, (address,))
+        watchdog.daemon = True
+        watchdog.start()
     try:
         ray.init(address=address, runtime_env=env, logging_level="WARNING", log_to_driver=False)
     except ConnectionError as exc:
         raise UserError(f"cannot join the Ray cluster at '{address}': {' '.join(str(exc).split())}") from None
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.execution_no_progress_timeout_s = STALL_SECONDS
+
+
+def _give_up(address: str) -> None:
+    print(f"error: cannot join the Ray cluster at '{address}': no Ray cluster answered within {CONNECT_TIMEOUT_S} s; "
+          f"check the address (ray start --head prints it)", file=sys.stderr, flush=True)
+    os._exit(EXIT_USAGE)
 
 
 def run_folder(workspace: Path, key: dict) -> Path:

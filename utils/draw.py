@@ -21,6 +21,12 @@ def box_to_pixels(row: Sequence[float], width: int, height: int) -> tuple[float,
             min(max(xmax * width, 0.0), float(width)), min(max(ymax * height, 0.0), float(height)))
 
 
+def percent(confidence: float) -> int:
+    """A confidence as the whole percent shown to the user, on the console and on the drawn label alike:
+    truncated, as the original sample printed it (0.997 is 99 %, never a rounded-up 100 %)."""
+    return int(float(confidence) * 100)
+
+
 def class_color(label: int) -> tuple[int, int, int]:
     """A saturated RGB colour for ``label``; hues of neighbouring ids are far apart."""
     hue = (int(label) * _GOLDEN_RATIO) % 1.0
@@ -35,13 +41,14 @@ def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def draw_detections(image: Image.Image, detections: np.ndarray,
-                    label_map: Mapping[int, str]) -> Image.Image:
-    """A copy of ``image`` with a box and a "<name> <NN>%" tag per detection row.
+                    label_map: Mapping[int, str], in_place: bool = False) -> Image.Image:
+    """A copy of ``image`` (``image`` itself when ``in_place`` and RGB) with a box and a "<name> <NN>%"
+    tag per detection row.
 
     ``detections`` is [K, 7] (image_id, label, confidence, xmin, ymin, xmax, ymax) with
     normalised coordinates, already filtered by confidence.
     """
-    canvas = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    canvas = image.convert("RGB") if image.mode != "RGB" else (image if in_place else image.copy())
     width, height = canvas.size
     line_width = max(2, round(min(width, height) / 200))
     font = ImageFont.load_default(size=max(10, round(min(width, height) / 40)))
@@ -55,7 +62,7 @@ def draw_detections(image: Image.Image, detections: np.ndarray,
         color = class_color(label)
         draw.rectangle((x0, y0, x1, y1), outline=color, width=line_width)
 
-        text = f"{label_name(label_map, label)} {round(row[2] * 100)}%"
+        text = f"{label_name(label_map, label)} {percent(row[2])}%"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         pad = max(1, line_width // 2)
         box_w, box_h = right - left + 2 * pad, bottom - top + 2 * pad

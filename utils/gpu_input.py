@@ -30,7 +30,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from utils.jpeg import JpegHeader, orient, read_jpeg_header
-from utils.pipeline import PREFETCH_BATCHES, InputBatch, LoadedImage, load_one
+from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, load_one
 from utils.preprocess import PIXEL_SCALE, legacy_taps
 
 # Reader threads: more only add GIL contention with the decode thread and the caller (benchmarks/README.md).
@@ -171,7 +171,8 @@ class GpuImageLoader:
                 continue
             image = orient(image, read.header.orientation, channels_last=True)
             decoded[index] = image
-            kept = Image.fromarray(image.cpu().numpy()) if self.keep_images else None
+            large = int(image.shape[0]) * int(image.shape[1]) > KEEP_PIXELS   # read again when drawn
+            kept = Image.fromarray(image.cpu().numpy()) if self.keep_images and not large else None
             read.loaded = LoadedImage(read.path, size=(int(image.shape[1]), int(image.shape[0])), image=kept)
         items = [read.loaded for read in reads]
         for read in reads:

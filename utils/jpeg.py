@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from utils.preprocess import MAX_PIXELS
+
 _SOF_DECODABLE = {0xC0, 0xC1, 0xC2}                   # baseline, extended, progressive Huffman
 _SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 # EXIF orientation -> (swap height and width, then flip these axes of [C, H, W]), as ImageOps.exif_transpose.
@@ -73,6 +75,9 @@ def read_jpeg_header(data) -> JpegHeader:
     if frame is None:
         return JpegHeader("no JPEG frame header")
     precision, components = frame[0], frame[5]   # frame: a memoryview of bytes, items are ints
+    height, width = struct.unpack_from(">HH", frame, 1)
+    if width * height > MAX_PIXELS:
+        return JpegHeader("over the pixel limit (refused there)")
     if precision != 8:
         return JpegHeader(f"{precision}-bit JPEG")
     if components not in (1, 3):

@@ -3,11 +3,13 @@
 import contextlib
 import gzip
 import hashlib
+import json
 import logging
 import re
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -19,7 +21,7 @@ from typing import IO, Callable, Iterator, Mapping
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.files import atomic_path
+from utils.files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "ssd_inception_v2_coco_2017_11_17"
@@ -28,6 +30,7 @@ PEDESTRIAN_MODEL = "ssdlite_mobilenet_v2_pedestrian"
 GRAPH_NAME = "frozen_inference_graph.pb"
 CONFIG_NAME = "pipeline.config"
 DOWNLOAD_TIMEOUT_S = 15
+RETRY_DOWNLOAD_AFTER_S = 3600   # a failed download of the default model is not tried again for this long
 _CHUNK = 1 << 20
 
 
@@ -104,13 +107,43 @@ def resolve_model(spec: str | None, workspace: Path,
                     f"a model folder or a .pb file")
 
 
-def _resolve_default(workspace: Path, registry: Mapping[str, ModelSource]) -> ResolvedModel:
-    """The default model, or the pedestrian model with a warning when the default cannot be downloaded."""
+def failed_download_marker(workspace: Path) -> Path:
+    """Where a failed download of the default model is remembered (for RETRY_DOWNLOAD_AFTER_S)."""
+    return Path(workspace) / "downloads" / f"{DEFAULT_MODEL}.failed.json"
+
+
+def _recent_failure(marker: Path) -> dict | None:
+    """The remembered failed download, while it is younger than RETRY_DOWNLOAD_AFTER_S."""
     try:
-        return _resolve_registry(DEFAULT_MODEL, registry[DEFAULT_MODEL], workspace, fall_back=True)
-    except _DownloadError as exc:
-        log.warning(f"could not download the default model {DEFAULT_MODEL} ({exc}); "
-                    f"falling back to {PEDESTRIAN_MODEL}. Use -m to choose a model.")
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        age = time.time() - float(record["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if 0 <= age < RETRY_DOWNLOAD_AFTER_S else None
+
+
+def _resolve_default(workspace: Path, registry: Mapping[str, ModelSource]) -> ResolvedModel:
+    """The default model, or the pedestrian model when the default cannot be downloaded: one warning, and
+    no new attempt for RETRY_DOWNLOAD_AFTER_S (a plain line says so on each run meanwhile)."""
+    marker = failed_download_marker(workspace)
+    graph_path = workspace / "models" / DEFAULT_MODEL / GRAPH_NAME
+    failure = None if graph_path.exists() else _recent_failure(marker)
+    if failure is not None:
+        retry = time.strftime("%H:%M", time.localtime(float(failure["time"]) + RETRY_DOWNLOAD_AFTER_S))
+        log.info(f"Using {PEDESTRIAN_MODEL}: the default model {DEFAULT_MODEL} could not be downloaded "
+                 f"({failure.get('reason', 'no reason recorded')}); next attempt after {retry}, or delete {marker}. "
+                 f"Use -m to choose a model.")
+    else:
+        try:
+            model = _resolve_registry(DEFAULT_MODEL, registry[DEFAULT_MODEL], workspace, fall_back=True)
+            marker.unlink(missing_ok=True)
+            return model
+        except _DownloadError as exc:
+            with contextlib.suppress(OSError):
+                write_text_atomic(marker, json.dumps({"time": time.time(), "reason": str(exc)}))
+            log.warning(f"could not download the default model {DEFAULT_MODEL} ({exc}); falling back to "
+                        f"{PEDESTRIAN_MODEL}, without trying again for {RETRY_DOWNLOAD_AFTER_S // 60} minutes. "
+                        f"Use -m to choose a model.")
     return _resolve_registry(PEDESTRIAN_MODEL, registry[PEDESTRIAN_MODEL], workspace)
 
 

@@ -7,24 +7,33 @@ benchmarks/README.md). Results keep the input order.
 
 ``input_batches`` is the one entry point of the scripts: ``decode="cpu"`` is this module's path,
 ``decode="gpu"`` is utils.gpu_input's (nvJPEG; imported only then).
+
+Memory is bounded whatever the inputs: an image over utils.preprocess.MAX_PIXELS is refused, a large JPEG
+is decoded at a reduced size (utils.preprocess.DRAFT_MARGIN), a decoded original is kept for drawing only
+up to KEEP_PIXELS (larger ones are read again when drawn), and what the workers hold ahead of the batch
+in use stays under PREFETCH_BYTES.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from utils.errors import ImageError, UserError
-from utils.preprocess import load_image, preprocess
+from utils.preprocess import preprocess, read_image
 
 PREFETCH_BATCHES = 2
+PREFETCH_BYTES = 256 << 20     # decoded data held ahead of the batch in use (tensors and kept originals)
+KEEP_PIXELS = 4096 * 4096      # larger originals are not kept for drawing (LoadedImage.image is None)
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 DECODE_NAMES = {"cpu": "CPU (Pillow, TF's resize in numpy)",
                 "gpu": "GPU (nvJPEG: hardware engines via nvImageCodec if installed, else CUDA via torchvision; "
@@ -43,14 +52,28 @@ class LoadedImage:
     cpu_reason: str | None = None           # decode gpu: why the CPU decoded this file instead
 
 
-def load_one(path: Path, input_size: tuple[int, int], keep_image: bool = False) -> LoadedImage:
-    """Read and preprocess one file; never raises for a bad image."""
+def load_one(path: Path, input_size: tuple[int, int], keep_image: bool = False,
+             admit: Callable[[int], None] | None = None) -> LoadedImage:
+    """Read and preprocess one file; never raises for a bad image.
+
+    ``keep_image`` keeps the RGB original (for drawing) when it was decoded at full size and has at
+    most KEEP_PIXELS. ``admit(nbytes)`` is called before decoding with what the result will hold.
+    """
+    width, height = input_size
+    keep = False
+
+    def before_decode(size: tuple[int, int], reduced: bool) -> None:
+        nonlocal keep
+        keep = keep_image and not reduced and size[0] * size[1] <= KEEP_PIXELS
+        if admit is not None:
+            admit(3 * width * height * 4 + (3 * size[0] * size[1] if keep else 0))
+
     try:
-        image = load_image(path)
+        decoded = read_image(path, input_size, before_decode)
     except ImageError as exc:
         return LoadedImage(path, error=str(exc))
-    return LoadedImage(path, tensor=preprocess(image, input_size), size=image.size,
-                       image=image if keep_image else None)
+    return LoadedImage(path, tensor=preprocess(decoded.image, input_size), size=decoded.size,
+                       image=decoded.image if keep else None)
 
 
 def default_workers() -> int:
@@ -58,28 +81,72 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
+class _Budget:
+    """Bytes the decode workers hold ahead of the consumer: a worker about to decode an input past the
+    batch in use waits while that would exceed ``limit`` (and something is held); the batch in use is
+    never held back, so the consumer cannot wait on a waiting worker."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held, self.needed = limit, 0, 0
+        self.costs: dict[int, int] = {}
+        self.condition = threading.Condition()
+
+    def admit(self, index: int, nbytes: int) -> None:
+        with self.condition:
+            while index >= self.needed and self.held and self.held + nbytes > self.limit:
+                if not threading.main_thread().is_alive():   # the interpreter is exiting: do not hold it
+                    break
+                self.condition.wait(0.5)
+            self.held += nbytes
+            self.costs[index] = nbytes
+
+    def need(self, end: float) -> None:
+        """The consumer waits for the inputs before ``end`` now."""
+        with self.condition:
+            self.needed = end
+            self.condition.notify_all()
+
+    def release(self, indices: range) -> None:
+        with self.condition:
+            self.held -= sum(self.costs.pop(index, 0) for index in indices)
+            self.condition.notify_all()
+
+
 def load_batches(paths: Sequence[Path], batch_size: int, input_size: tuple[int, int], workers: int = 0,
                  keep_images: bool = False) -> Iterator[list[LoadedImage]]:
     """Yield lists of up to ``batch_size`` LoadedImage in input order.
 
     ``workers`` = 0 loads in the calling thread; otherwise that many worker threads decode ahead
-    (up to PREFETCH_BATCHES batches), overlapping with whatever the caller does with a batch.
+    (up to PREFETCH_BATCHES batches and PREFETCH_BYTES), overlapping with whatever the caller does
+    with a batch.
     """
     paths = list(paths)
     if workers <= 0 or len(paths) <= 1:
         for start in range(0, len(paths), batch_size):
             yield [load_one(path, input_size, keep_images) for path in paths[start:start + batch_size]]
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+    budget = _Budget(PREFETCH_BYTES)
+
+    def load(index: int) -> LoadedImage:
+        return load_one(paths[index], input_size, keep_images, lambda nbytes: budget.admit(index, nbytes))
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    try:
         window = batch_size * PREFETCH_BATCHES
-        pending = [pool.submit(load_one, path, input_size, keep_images) for path in paths[:window]]
-        submitted = len(pending)
+        pending = [pool.submit(load, index) for index in range(min(window, len(paths)))]
+        submitted, start = len(pending), 0
         while pending:
             batch, pending = pending[:batch_size], pending[batch_size:]
-            more = paths[submitted:submitted + len(batch)]
-            pending.extend(pool.submit(load_one, path, input_size, keep_images) for path in more)
+            more = range(submitted, min(submitted + len(batch), len(paths)))
+            pending.extend(pool.submit(load, index) for index in more)
             submitted += len(more)
+            budget.need(start + len(batch))
             yield [future.result() for future in batch]
+            budget.release(range(start, start + len(batch)))
+            start += len(batch)
+    finally:
+        budget.need(math.inf)                      # let waiting workers finish
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass

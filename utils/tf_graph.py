@@ -8,9 +8,13 @@ is pruned. What the post-processing needs is read from the graph into an ``SsdSp
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -22,10 +26,43 @@ CLASS_CONCAT = "concat_1"
 ANCHOR_CONCAT_SUFFIX = "Concatenate/concat"
 
 
+# What TensorFlow's native code prints to stderr while it is imported, whatever TF_CPP_MIN_LOG_LEVEL says
+# (absl logs before its InitializeLog, once per shared library): dropped unless TF_CPP_MIN_LOG_LEVEL is 0.
+IMPORT_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+                "This TensorFlow binary is optimized to use available CPU instructions",
+                "To enable the following instructions:")
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered(noise: tuple[str, ...]) -> Iterator[None]:
+    """Capture file descriptor 2 (native code writes there) and pass on the lines that are not ``noise``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(text in line for text in noise)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def import_tensorflow():
     """Import TensorFlow lazily and quietly (it is slow and chatty)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf  # noqa: PLC0415
+    if "tensorflow" in sys.modules:
+        tf = sys.modules["tensorflow"]
+    else:
+        quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") not in ("", "0")
+        with _native_stderr_filtered(IMPORT_NOISE if quiet else ()):
+            import tensorflow as tf  # noqa: PLC0415
 
     tf.get_logger().setLevel("ERROR")
     return tf
