@@ -24,38 +24,22 @@ from utils import coco
 from utils import evaluation as ev
 from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, UserError
 from utils.files import write_text_atomic
-from utils.pipeline import DECODE_NAMES, default_workers
+from utils.pipeline import DECODE_NAMES
 from utils.run import open_executor
-from utils.runtime import BACKENDS
 
 log = logging.getLogger("eval_coco")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("backend", nargs="?", choices=("auto", *BACKENDS), default="auto",
-                        help="the backend to evaluate (default auto: tensorrt with a GPU and TensorRT, else "
-                             "onnxruntime, else tensorflow; an engine always runs on tensorrt)")
-    cli.add_source_args(parser)
-    cli.add_run_args(parser, batch_size=64)
+    cli.add_evaluation_args(parser, "AP (IoU 0.50:0.95)")
     parser.add_argument("-i", "--images", type=Path, required=True, metavar="DIR",
                         help="the image folder the annotation file's file names are relative to")
     parser.add_argument("-a", "--annotations", type=Path, required=True, metavar="FILE",
                         help="COCO annotation file (instances_*.json, or one from python -m utils.coco voc2coco)")
     parser.add_argument("--limit", type=int, default=None, help="the annotation file's first N images only")
-    parser.add_argument("-j", "--workers", type=int, default=None,
-                        help="decode/resize worker threads (default: one per core)")
-    parser.add_argument("--compare", choices=BACKENDS, help="also evaluate this backend (same model) and compare")
-    parser.add_argument("--tolerance", type=float, default=0.5,
-                        help="largest |AP difference| (AP at IoU 0.50:0.95) in points that --compare accepts "
-                             "(default 0.5; a NaN AP never passes)")
-    cli.add_ray_args(parser)
     args = parser.parse_args(argv)
-    cli.check_decode_arg(parser, args)
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
-    if args.workers is None:
-        args.workers = default_workers()
+    cli.check_evaluation_args(parser, args)
     return args
 
 

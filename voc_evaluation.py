@@ -17,9 +17,8 @@ import sys
 from utils import cli
 from utils import evaluation as ev
 from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED
-from utils.pipeline import DECODE_NAMES, default_workers
+from utils.pipeline import DECODE_NAMES
 from utils.run import open_executor
-from utils.runtime import BACKENDS
 from utils.voc import evaluate, mean_ap
 
 log = logging.getLogger("voc_evaluation")
@@ -27,28 +26,13 @@ log = logging.getLogger("voc_evaluation")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("backend", nargs="?", choices=("auto", *BACKENDS), default="auto",
-                        help="the backend to evaluate (default auto: tensorrt with a GPU and TensorRT, else "
-                             "onnxruntime, else tensorflow; an engine always runs on tensorrt)")
-    cli.add_source_args(parser)
-    cli.add_run_args(parser, batch_size=64)
+    cli.add_evaluation_args(parser, "mAP")
     cli.add_voc_args(parser)
     parser.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt (default test)")
-    parser.add_argument("-j", "--workers", type=int, default=None,
-                        help="decode/resize worker threads (default: one per core)")
     parser.add_argument("-f", "--force", action="store_true", help="run the detector even if cached results match")
-    parser.add_argument("--compare", choices=BACKENDS, help="also evaluate this backend (same model) and compare")
-    parser.add_argument("--tolerance", type=float, default=0.5,
-                        help="largest |mAP difference| in AP points that --compare accepts (default 0.5; a NaN mAP "
-                             "never passes)")
     parser.add_argument("--plot", action="store_true", help="write a PR-curve PNG into the results folder")
-    cli.add_ray_args(parser)
     args = parser.parse_args(argv)
-    cli.check_decode_arg(parser, args)
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
-    if args.workers is None:
-        args.workers = default_workers()
+    cli.check_evaluation_args(parser, args)
     return args
 
 

@@ -90,6 +90,36 @@ def add_trt_args(parser: argparse.ArgumentParser) -> None:
                        help="TensorRT-RTX: build for this compute capability (86, 8.6 or SM86; default: the GPU present)")
 
 
+def add_evaluation_args(parser: argparse.ArgumentParser, measure: str) -> None:
+    """What voc_evaluation.py and eval_coco.py share: [BACKEND], the source and run options, decode workers,
+    --compare / --tolerance (on ``measure``, e.g. "mAP") and Ray."""
+    from utils.runtime import BACKENDS  # noqa: PLC0415
+
+    parser.add_argument("backend", nargs="?", choices=("auto", *BACKENDS), default="auto",
+                        help="the backend to evaluate (default auto: tensorrt with a GPU and TensorRT, else "
+                             "onnxruntime, else tensorflow; an engine always runs on tensorrt)")
+    add_source_args(parser)
+    add_run_args(parser, batch_size=64)
+    parser.add_argument("-j", "--workers", type=int, default=None,
+                        help="decode/resize worker threads (default: one per core)")
+    parser.add_argument("--compare", choices=BACKENDS, help="also evaluate this backend (same model) and compare")
+    parser.add_argument("--tolerance", type=float, default=0.5,
+                        help=f"largest |{measure} difference| in points that --compare accepts (default 0.5; a NaN "
+                             f"never passes)")
+    add_ray_args(parser)
+
+
+def check_evaluation_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks and defaults that go with add_evaluation_args (and --limit)."""
+    from utils.pipeline import default_workers  # noqa: PLC0415
+
+    check_decode_arg(parser, args)
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    if args.workers is None:
+        args.workers = default_workers()
+
+
 def add_voc_args(parser: argparse.ArgumentParser, limit: int | None = None) -> None:
     parser.add_argument("-d", "--voc-dir", type=Path, default=None,
                         help="VOCdevkit/VOC2007 folder (default: $VOC_DIR, else WORKSPACE/VOCdevkit/VOC2007)")

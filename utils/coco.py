@@ -79,15 +79,20 @@ def _name(path: os.PathLike | str) -> str:
     return posixpath.normpath(Path(path).as_posix())
 
 
-def read_annotation_ids(path: Path) -> dict[str, int]:
-    """file_name -> id of the images of a COCO annotation file (one-line UserError when it is not one)."""
-    path = Path(path)
+def _read_json(path: Path):
+    """The JSON of a COCO annotation file (one-line UserError when it cannot be read or is not JSON)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
         raise UserError(f"cannot read COCO annotation file {path}: {error.strerror or error}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{path} is not a COCO annotation file: not JSON ({error})") from None
+
+
+def read_annotation_ids(path: Path) -> dict[str, int]:
+    """file_name -> id of the images of a COCO annotation file (one-line UserError when it is not one)."""
+    path = Path(path)
+    data = _read_json(path)
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise UserError(f"{path} is not a COCO annotation file: no 'images' list")
@@ -213,12 +218,7 @@ def load_ground_truth(path: Path):
     from pycocotools.coco import COCO  # noqa: PLC0415
 
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise UserError(f"cannot read COCO annotation file {path}: {error.strerror or error}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not a COCO annotation file: not JSON ({error})") from None
+    data = _read_json(path)
     if not isinstance(data, dict) or not all(isinstance(data.get(key), list)
                                              for key in ("images", "annotations", "categories")):
         raise UserError(f"{path} is not a COCO annotation file: it needs 'images', 'annotations' and "
