@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-f", "--force", action="store_true", help="convert even if a cached ONNX matches")
     parser.add_argument("--calib-dir", type=Path, help="INT8 calibration JPEGs (default: $VOC_DIR/JPEGImages, "
                         "else images/)")
+    cli.add_labels_arg(parser)
     cli.add_nms_args(parser)
     return parser.parse_args(argv)
 
@@ -46,15 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         from utils.models import resolve_model  # noqa: PLC0415
         from utils.quantize import calibration_images  # noqa: PLC0415
 
+        from utils.labels import warn_unnamed  # noqa: PLC0415
+
         check_options(args.flavour, args.precision)
         cli.check_workspace(args.workspace)
+        labels = cli.labels_from_args(args)
         if args.output is not None:
             check_writable_file(args.output, "-o/--output")
         model = resolve_model(args.model, args.workspace)
         calibration = calibration_images(args.calib_dir) if args.precision == "INT8" else None
         converted = convert(model, args.flavour, args.precision, cli.nms_overrides(args), args.output, args.force,
-                            calibration)
+                            calibration, labels)
         spec, labels = converted.spec, converted.artifact.labels
+        warn_unnamed(labels, spec.num_classes, model.name)
         log.info(f"{spec.num_classes} classes (with background; {len(labels)} named), {spec.num_anchors} anchors on "
                  f"feature maps {'/'.join(str(h) for h, _ in spec.anchors.feature_map_shapes)}, input "
                  f"{spec.input_size[0]}x{spec.input_size[1]}, NMS IoU {spec.nms.iou_threshold:g}, "

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_plan(plan, args, dataset):
     """Detections of one plan (run, or cached when run.json and its result files match) -> (artifact,
     results folder, detections by class, RunStats)."""
-    artifact = plan.prepare()
+    artifact = plan.prepare(warn=False)
+    ev.check_detectable(artifact.labels, artifact.model, artifact.spec.num_classes)   # before any detection
     folder = ev.results_dir(args.workspace, artifact.model, plan.backend, artifact.flavour, artifact.precision)
     key = ev.run_key(dataset, plan.key(artifact))
     cached = None if args.force else ev.load_cached(folder, dataset.split, key)

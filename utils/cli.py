@@ -35,6 +35,23 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
                        help="a TensorRT engine built by build_engine.py (its .json sidecar beside it)")
     parser.add_argument("-w", "--workspace", type=Path, default=DEFAULT_WORKSPACE,
                         help="folder for downloaded models, converted graphs, engines and results (default: %(default)s)")
+    add_labels_arg(parser)
+
+
+def add_labels_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labels", type=Path, metavar="FILE",
+                        help="class names: a TF OD API label_map.pbtxt or a text file with one name per line (line 1 = "
+                             "class 1; a first line 'background' is skipped). Default: a label_map.pbtxt beside the "
+                             "graph (or the one pipeline.config names), the registry's names, COCO for 91 classes; "
+                             "with --onnx / --engine the file's own (--labels replaces them for this run)")
+
+
+def labels_from_args(args: argparse.Namespace) -> dict[int, str] | None:
+    """The label map of --labels (a one-line UserError for a bad file), or None."""
+    from utils.labels import load_label_file  # noqa: PLC0415
+
+    path = getattr(args, "labels", None)
+    return load_label_file(path) if path is not None else None
 
 
 def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
@@ -134,12 +151,32 @@ def voc_dataset(args: argparse.Namespace, split: str = "test"):
     return load_dataset(args.voc_dir or default_voc_dir(args.workspace), split, args.limit)
 
 
+def _nms_value(name: str, kind: type):
+    """An argparse type for one NMS option: its range is utils.ssd_spec's, as for pipeline.config."""
+    from utils.ssd_spec import check_value  # noqa: PLC0415
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        why = check_value(name, value)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text} {why}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def add_nms_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("NMS (defaults: the graph's / pipeline.config's values)")
-    group.add_argument("--score-threshold", type=float, help="confidence below which boxes are dropped before NMS")
-    group.add_argument("--iou-threshold", type=float, help="IoU above which a box is suppressed")
-    group.add_argument("--top-k", type=int, help="boxes kept per class")
-    group.add_argument("--keep-top-k", type=int, help="boxes kept per image")
+    group.add_argument("--score-threshold", type=_nms_value("score_threshold", float),
+                       help="confidence below which boxes are dropped before NMS, in [0, 1)")
+    group.add_argument("--iou-threshold", type=_nms_value("iou_threshold", float),
+                       help="IoU above which a box is suppressed, in (0, 1]")
+    group.add_argument("--top-k", type=_nms_value("top_k", int), help="boxes kept per class (at least 1)")
+    group.add_argument("--keep-top-k", type=_nms_value("keep_top_k", int), help="boxes kept per image (at least 1)")
 
 
 def _at_least_one(text: str) -> int:
@@ -189,7 +226,8 @@ def plan_from_args(args: argparse.Namespace, backend: str | None = None):
                         backend=backend or args.backend, flavour=args.flavour, precision=args.precision,
                         batch_size=args.batch_size, decode=args.decode, nms=nms_overrides(args),
                         cuda_graph=args.cuda_graph, nhwc=args.nhwc, trt_module=args.trt_module,
-                        compute_capability=args.compute_capability, calib_dir=getattr(args, "calib_dir", None))
+                        compute_capability=args.compute_capability, calib_dir=getattr(args, "calib_dir", None),
+                        labels=labels_from_args(args))
 
 
 class _Format(logging.Formatter):

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import onnx
 
@@ -15,7 +15,7 @@ from utils import onnx_export, quantize, tf_graph
 from utils.artifact import FLAVOURS, PRECISIONS, Artifact, file_fingerprint, flavour_info, read_onnx, set_onnx_metadata
 from utils.errors import UserError
 from utils.files import atomic_path, write_text_atomic
-from utils.labels import label_map_for
+from utils.labels import label_map_for, model_labels
 from utils.models import ResolvedModel
 from utils.spec_reader import read_ssd_spec
 from utils.ssd_spec import NmsOverrides, SsdSpec  # noqa: F401  (NmsOverrides: re-exported)
@@ -49,8 +49,11 @@ def default_onnx_path(model: ResolvedModel, flavour: str, precision: str, nms: N
 
 
 def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverrides = NmsOverrides(),
-              calibration: str | None = None) -> dict:
-    """Everything a converted graph depends on (compared with the key saved beside it)."""
+              calibration: str | None = None, labels: Mapping[int, str] | None = None) -> dict:
+    """Everything a converted graph depends on (compared with the key saved beside it); ``labels`` is --labels,
+    else the label map found for the model (utils.labels.model_labels)."""
+    if labels is None:
+        labels = model_labels(None, model.graph_path, model.config_path, model.labels)
     stat = model.graph_path.stat()
     config_stat = model.config_path.stat() if model.config_path else None
     return {
@@ -58,6 +61,7 @@ def cache_key(model: ResolvedModel, flavour: str, precision: str, nms: NmsOverri
         "graph": str(model.graph_path.resolve()), "graph_size": stat.st_size, "graph_mtime_ns": stat.st_mtime_ns,
         "config_mtime_ns": config_stat.st_mtime_ns if config_stat else None,
         "flavour": flavour, "precision": precision, "nms_overrides": asdict(nms), "calibration": calibration,
+        "labels": {str(k): v for k, v in sorted(labels.items())} if labels is not None else None,
     }
 
 
@@ -104,19 +108,28 @@ def _cached(onnx_path: Path, key_path: Path, key: dict) -> tuple[Artifact | None
 
 def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "FP32",
             nms: NmsOverrides = NmsOverrides(), output: Path | None = None, force: bool = False,
-            calibration_images: Sequence[Path] | None = None) -> ConvertedModel:
+            calibration_images: Sequence[Path] | None = None,
+            labels: Mapping[int, str] | None = None) -> ConvertedModel:
     """Build the ONNX of ``model`` (or reuse the cached one whose key matches).
+
+    ``labels`` (--labels) names the classes; without it they come from utils.labels.resolve_labels's other
+    sources. The label map is stored in the ONNX and is part of the cache key.
 
     FP16 and INT8 are variants of the FP32 graph (utils.quantize); INT8 is calibrated on
     ``calibration_images`` (default: utils.quantize.calibration_images()).
     """
     check_options(flavour, precision)
+    problem = nms.problem()
+    if problem:
+        raise UserError(f"NMS option {problem}")
+    labels = dict(labels) if labels is not None else model_labels(None, model.graph_path, model.config_path,
+                                                                  model.labels)
     if precision == "INT8" and calibration_images is None:
         calibration_images = quantize.calibration_images()
     onnx_path = Path(output) if output else default_onnx_path(model, flavour, precision, nms)
     key_path = onnx_path.with_suffix(".convert.json")   # not .json: an engine sidecar of the same stem may sit there
     calibration = quantize.calibration_fingerprint(calibration_images) if precision == "INT8" else None
-    key = cache_key(model, flavour, precision, nms, calibration)
+    key = cache_key(model, flavour, precision, nms, calibration, labels)
     cached, reason = (None, None) if force else _cached(onnx_path, key_path, key)
     if cached:
         log.info("Using the converted %s (cached, up to date; -f converts again)", onnx_path)
@@ -130,7 +143,7 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
         _, core, nodes, spec = read_spec(model)
         spec = spec.with_nms(**asdict(nms))
         artifact = Artifact("onnx", onnx_path, spec, flavour, precision, model.name,
-                            label_map_for(model.labels, spec.num_classes))
+                            labels if labels is not None else label_map_for(None, spec.num_classes))
         extra = onnx_export.predictor_outputs(nodes.box_predictors) if flavour_info(flavour).plugin_ops else []
         model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec, extra), spec, extra)
         model_proto.producer_name = "uff_ssd successor (tf2onnx + onnx-graphsurgeon)"
@@ -138,7 +151,7 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
         with atomic_path(onnx_path) as tmp:
             onnx.save(model_proto, str(tmp))
     else:
-        base = convert(model, flavour, "FP32", nms, force=force).artifact
+        base = convert(model, flavour, "FP32", nms, force=force, labels=labels).artifact
         artifact = replace(base, path=onnx_path, precision=precision)
         if precision == "FP16":
             variant = quantize.to_fp16(onnx.load(str(base.path)))

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.files import atomic_path, write_text_atomic
-from utils.labels import COCO_TO_VOC, VOC_CLASSES
+from utils.labels import LABELS_HINT, VOC_CLASSES, voc_class
 from utils.pipeline import DECODE_NAMES
 from utils.voc import (ClassAp, Detection, VocDataset, detections_to_voc, read_results, result_paths,
                        write_results)
@@ -53,8 +53,22 @@ def results_dir(workspace: Path, model_name: str, backend: str, flavour: str | N
 
 
 def detectable_classes(label_map: dict[int, str]) -> set[str]:
-    """VOC classes that some label of the model maps to."""
-    return {COCO_TO_VOC[name] for name in label_map.values() if name in COCO_TO_VOC}
+    """VOC classes that some label of the model maps to (by name: utils.labels.voc_class)."""
+    return {found for name in label_map.values() if (found := voc_class(name)) is not None}
+
+
+def check_detectable(label_map: dict[int, str], model: str, num_classes: int) -> set[str]:
+    """detectable_classes, or a one-line UserError (exit 2) when none of the model's classes is a VOC class."""
+    detectable = detectable_classes(label_map)
+    if not detectable:
+        from utils.errors import UserError  # noqa: PLC0415
+        from utils.labels import label_name  # noqa: PLC0415
+
+        names = [label_name(label_map, label) for label in range(1, num_classes)]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)})" if len(names) > 8 else "")
+        raise UserError(f"none of the classes of {model} ({shown}) is a VOC class, so there is nothing to evaluate; "
+                        f"{LABELS_HINT}")
+    return detectable
 
 
 def run_key(dataset: VocDataset, plan_key: dict) -> dict:

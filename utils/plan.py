@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Mapping
 
 from utils.artifact import FLAVOURS, PRECISIONS, Artifact, flavour_info, read_artifact
 from utils.errors import UserError
@@ -26,6 +27,7 @@ from utils.ssd_spec import NmsOverrides
 
 log = logging.getLogger(__name__)
 SOURCES = ("model", "onnx", "engine")
+_WARNED_UNNAMED: set[str] = set()   # models whose "no names" warning was given (once per process)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Plan:
     nms: NmsOverrides = field(default_factory=NmsOverrides)
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     calib_dir: Path | None = None
+    labels: tuple[tuple[int, str], ...] | None = None   # --labels: the label map that names the classes (None: the
+                                                        # file's own, or utils.labels.resolve_labels's at conversion)
 
     @classmethod
     def resolve(cls, *, model: str | None = None, onnx: Path | None = None, engine: Path | None = None,
@@ -48,7 +52,7 @@ class Plan:
                 precision: str | None = None, batch_size: int = 1, decode: str = "auto",
                 nms: NmsOverrides = NmsOverrides(), cuda_graph: bool = False, nhwc: bool = False,
                 trt_module: str | None = None, compute_capability: str | None = None,
-                calib_dir: Path | None = None) -> "Plan":
+                calib_dir: Path | None = None, labels: Mapping[int, str] | None = None) -> "Plan":
         """Resolve every "auto" once; a one-line UserError for a combination that cannot run."""
         given = [(kind, value) for kind, value in (("onnx", onnx), ("engine", engine)) if value is not None]
         if len(given) > 1 or (given and model is not None):
@@ -57,6 +61,8 @@ class Plan:
         artifact = read_artifact(source, Path(location)) if source != "model" else None
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
+        if nms.problem():
+            raise UserError(f"NMS option {nms.problem()}")
 
         backend = _backend(backend, source)
         module = _trt_module(backend, trt_module, artifact, compute_capability)
@@ -76,12 +82,23 @@ class Plan:
                                  compute_capability=_compute_capability(module, compute_capability))
         decode = _decode(decode, backend)
         return cls(source, str(location) if location is not None else None, Path(workspace), backend, flavour,
-                   precision, batch_size, decode, nms, options, Path(calib_dir) if calib_dir else None)
+                   precision, batch_size, decode, nms, options, Path(calib_dir) if calib_dir else None,
+                   tuple(sorted((int(k), str(v)) for k, v in labels.items())) if labels is not None else None)
 
     # --- the steps ---------------------------------------------------------------------------
 
-    def prepare(self) -> Artifact:
-        """The file this plan runs: the given one, or converted (and built) from the model."""
+    def prepare(self, warn: bool = True) -> Artifact:
+        """The file this plan runs: the given one, or converted (and built) from the model; --labels applied, and
+        (``warn``) one warning line when its classes have no names."""
+        artifact = self.runnable(self._prepare())
+        from utils.labels import warn_unnamed  # noqa: PLC0415
+
+        if warn and artifact.model not in _WARNED_UNNAMED and not artifact.labels:
+            _WARNED_UNNAMED.add(artifact.model)
+            warn_unnamed(artifact.labels, artifact.spec.num_classes, artifact.model)
+        return artifact
+
+    def _prepare(self) -> Artifact:
         if self.source == "engine":
             return read_artifact("engine", Path(self.location))
         if self.source == "onnx":
@@ -91,7 +108,7 @@ class Plan:
 
             model = resolve_model(self.location, self.workspace)
             if self.backend == "tensorflow":
-                return _frozen_artifact(model)
+                return _frozen_artifact(model, self.label_map)
             from utils.converter import convert  # noqa: PLC0415
 
             calibration = None
@@ -100,7 +117,7 @@ class Plan:
 
                 calibration = calibration_images(self.calib_dir)
             onnx = convert(model, self.flavour, self.onnx_precision, self.nms,
-                           calibration_images=calibration).artifact
+                           calibration_images=calibration, labels=self.label_map).artifact
         if self.backend != "tensorrt":
             return onnx
         return self._build(onnx)
@@ -128,10 +145,18 @@ class Plan:
         return self.precision
 
     def runnable(self, artifact: Artifact) -> Artifact:
-        """``artifact`` with the NMS overrides applied where NMS runs outside the file (the core flavour)."""
+        """``artifact`` with the NMS overrides applied where NMS runs outside the file (the core flavour), and the
+        --labels label map in place of its own."""
         if self.nms.any() and artifact.flavour and not flavour_info(artifact.flavour).nms_inside:
-            return replace(artifact, spec=artifact.spec.with_nms(**asdict(self.nms)))
+            artifact = replace(artifact, spec=artifact.spec.with_nms(**asdict(self.nms)))
+        if self.labels is not None and artifact.labels != self.label_map:
+            artifact = replace(artifact, labels=self.label_map)
         return artifact
+
+    @property
+    def label_map(self) -> dict[int, str] | None:
+        """--labels as {id: name}, or None."""
+        return dict(self.labels) if self.labels is not None else None
 
     def open(self, artifact: Artifact):
         """The runner of ``artifact`` (utils.runtime): use it as a context manager."""
@@ -144,7 +169,8 @@ class Plan:
         return {"artifact": artifact.identity(), "backend": self.backend, "flavour": artifact.flavour,
                 "precision": artifact.precision,
                 "trt_module": artifact.trt_module or (self.options.trt_module if self.backend == "tensorrt" else None),
-                "nms": asdict(runnable.spec.nms), "decode": self.decode, "options": asdict(self.options)}
+                "nms": asdict(runnable.spec.nms), "decode": self.decode, "options": asdict(self.options),
+                "labels": {str(k): v for k, v in sorted(runnable.labels.items())}}
 
     def describe(self) -> str:
         """One line: what runs."""
@@ -237,12 +263,14 @@ def _decode(choice: str, backend: str) -> str:
     return resolve_decode(choice, takes_cuda, backend)
 
 
-def _frozen_artifact(model) -> Artifact:
+def _frozen_artifact(model, labels: Mapping[int, str] | None) -> Artifact:
     """The TensorFlow reference: the frozen graph itself, its spec read with TensorFlow."""
     from utils.converter import read_spec  # noqa: PLC0415
-    from utils.labels import label_map_for  # noqa: PLC0415
+    from utils.labels import label_map_for, model_labels  # noqa: PLC0415
 
     log.info("Loading TensorFlow frozen graph from %s", model.graph_path)
+    if labels is None:
+        labels = model_labels(None, model.graph_path, model.config_path, model.labels)
     spec = read_spec(model)[3]
     return Artifact("frozen", model.graph_path, spec, None, "FP32", model.name,
-                    label_map_for(model.labels, spec.num_classes))
+                    dict(labels) if labels is not None else label_map_for(None, spec.num_classes))

@@ -9,73 +9,103 @@ count always come from the graph and are checked against the config.
 
 from __future__ import annotations
 
-import re
+import math
 from pathlib import Path
 
-from utils import tf_graph
+from utils import pbtxt, tf_graph
 from utils.errors import UserError
-from utils.ssd_spec import AnchorSpec, NmsSpec, SsdSpec
+from utils.ssd_spec import AnchorSpec, NmsSpec, SsdSpec, check_value
 
 
-# --- pipeline.config (protobuf text format; only the few scalar fields we need) -------------------
+# --- pipeline.config (protobuf text format, read by utils.pbtxt; every value checked where it is read) -------
 
-def _block(text: str, name: str) -> str | None:
-    """The body of the first ``name { ... }`` block, braces matched."""
-    match = re.search(rf"\b{name}\s*\{{", text)
-    if not match:
-        return None
-    depth, start = 1, match.end()
-    for pos in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[pos], 0)
-        if depth == 0:
-            return text[start:pos]
-    return None
+def _bad(path: Path, field: str, value, why: str) -> UserError:
+    shown = repr(value) if isinstance(value, str) else value     # as written in the file
+    return UserError(f"'{path}': {field} is {shown}, {why}; fix the model's pipeline.config")
 
 
-def _values(block: str | None, name: str) -> list[str]:
-    return re.findall(rf"^\s*{name}\s*:\s*([^\s#]+)", block or "", flags=re.MULTILINE)
+def _integer(path: Path, field: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(path, field, value, "not an integer")
+    return value
 
 
-def _first(block: str | None, name: str, cast):
-    found = _values(block, name)
-    return cast(found[0].strip('"')) if found else None
+def _real(path: Path, field: str, value) -> float:
+    if isinstance(value, str) and value.lower() in ("inf", "-inf", "infinity", "-infinity", "nan"):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise _bad(path, field, value, "not a number")
+    return float(value)
 
 
-def _as_bool(text: str) -> bool:
-    return text.lower() == "true"
+def _boolean(path: Path, field: str, value) -> bool:
+    if value in ("true", "True", "t", 1):
+        return True
+    if value in ("false", "False", "f", 0):
+        return False
+    raise _bad(path, field, value, "not true or false")
 
 
-def _read_config(path: Path) -> dict:
-    """The values of a pipeline.config that the spec uses (absent ones omitted)."""
-    text = re.sub(r"#.*", "", path.read_text(encoding="utf-8", errors="replace"))
-    ssd = _block(text, "ssd")
+def _checked(path: Path, field: str, written, value, check: str | None):
+    """``value`` (read from ``written``) if it passes ``check`` (a range of utils.ssd_spec.check_value), else a
+    UserError."""
+    why = check_value(check, value) if check else None
+    if why:
+        raise _bad(path, field, written, why)
+    return value
+
+
+# key -> (message path below ssd, proto field, reader, range check)
+_CONFIG_FIELDS = {
+    "num_classes": ((), "num_classes", _integer, "positive"),
+    "height": (("image_resizer", "fixed_shape_resizer"), "height", _integer, "positive"),
+    "width": (("image_resizer", "fixed_shape_resizer"), "width", _integer, "positive"),
+    "min_scale": (("anchor_generator", "ssd_anchor_generator"), "min_scale", _real, "positive"),
+    "max_scale": (("anchor_generator", "ssd_anchor_generator"), "max_scale", _real, "positive"),
+    "reduce_boxes_in_lowest_layer": (("anchor_generator", "ssd_anchor_generator"), "reduce_boxes_in_lowest_layer",
+                                     _boolean, None),
+    "interpolated_scale_aspect_ratio": (("anchor_generator", "ssd_anchor_generator"),
+                                        "interpolated_scale_aspect_ratio", _real, "non_negative"),
+    "num_layers": (("anchor_generator", "ssd_anchor_generator"), "num_layers", _integer, "positive"),
+    "y_scale": (("box_coder", "faster_rcnn_box_coder"), "y_scale", _real, "positive"),
+    "x_scale": (("box_coder", "faster_rcnn_box_coder"), "x_scale", _real, "positive"),
+    "height_scale": (("box_coder", "faster_rcnn_box_coder"), "height_scale", _real, "positive"),
+    "width_scale": (("box_coder", "faster_rcnn_box_coder"), "width_scale", _real, "positive"),
+    "score_threshold": (("post_processing", "batch_non_max_suppression"), "score_threshold", _real, "score_threshold"),
+    "iou_threshold": (("post_processing", "batch_non_max_suppression"), "iou_threshold", _real, "iou_threshold"),
+    "top_k": (("post_processing", "batch_non_max_suppression"), "max_detections_per_class", _integer, "top_k"),
+    "keep_top_k": (("post_processing", "batch_non_max_suppression"), "max_total_detections", _integer, "keep_top_k"),
+}
+
+
+def read_config(path: Path) -> dict:
+    """The values of a pipeline.config that the spec uses (absent ones omitted), each checked: a one-line
+    UserError naming the field, the value and the file for a bad one."""
+    path = Path(path)
+    document = pbtxt.load(path, "pipeline.config")
+    ssd = pbtxt.message(document, "model", "ssd") or pbtxt.message(document, "ssd")
     if ssd is None:
-        raise UserError(f"'{path}' has no 'ssd {{ ... }}' model block; give the pipeline.config of an SSD model")
-    anchor = _block(ssd, "ssd_anchor_generator")
-    coder = _block(ssd, "faster_rcnn_box_coder")
-    nms = _block(ssd, "batch_non_max_suppression")
-    resizer = _block(ssd, "fixed_shape_resizer")
-    found = {
-        "num_classes": _first(ssd, "num_classes", int),
-        "height": _first(resizer, "height", int),
-        "width": _first(resizer, "width", int),
-        "min_scale": _first(anchor, "min_scale", float),
-        "max_scale": _first(anchor, "max_scale", float),
-        "aspect_ratios": tuple(float(v) for v in _values(anchor, "aspect_ratios")) or None,
-        "reduce_boxes_in_lowest_layer": _first(anchor, "reduce_boxes_in_lowest_layer", _as_bool),
-        "interpolated_scale_aspect_ratio": _first(anchor, "interpolated_scale_aspect_ratio", float),
-        "num_layers": _first(anchor, "num_layers", int),
-        "y_scale": _first(coder, "y_scale", float),
-        "x_scale": _first(coder, "x_scale", float),
-        "height_scale": _first(coder, "height_scale", float),
-        "width_scale": _first(coder, "width_scale", float),
-        "score_threshold": _first(nms, "score_threshold", float),
-        "iou_threshold": _first(nms, "iou_threshold", float),
-        "top_k": _first(nms, "max_detections_per_class", int),
-        "keep_top_k": _first(nms, "max_total_detections", int),
-        "score_converter": _first(ssd, "score_converter", str),
-    }
-    return {key: value for key, value in found.items() if value is not None}
+        raise UserError(f"'{path}' has no 'model {{ ssd {{ ... }} }}' block; give the pipeline.config of an SSD model")
+    found = {}
+    for key, (where, name, reader, check) in _CONFIG_FIELDS.items():
+        value = pbtxt.last(pbtxt.message(ssd, *where), name)
+        if value is not None:
+            field = ".".join((*where, name))
+            found[key] = _checked(path, field, value, reader(path, field, value), check)
+    anchor = pbtxt.message(ssd, "anchor_generator", "ssd_anchor_generator")
+    field = "anchor_generator.ssd_anchor_generator.aspect_ratios"
+    ratios = tuple(_checked(path, field, value, _real(path, field, value), "positive")
+                   for value in pbtxt.values(anchor, "aspect_ratios"))
+    if ratios:
+        found["aspect_ratios"] = ratios
+    converter = pbtxt.last(pbtxt.message(ssd, "post_processing"), "score_converter")
+    if converter is not None:
+        found["score_converter"] = str(converter)
+    label_map = [value for reader in ("train_input_reader", "eval_input_reader")
+                 for value in pbtxt.values(pbtxt.message(document, reader), "label_map_path")]
+    if label_map:
+        found["label_map_path"] = str(label_map[-1])
+    return found
 
 
 # --- the graph ------------------------------------------------------------------------------------
@@ -115,7 +145,8 @@ def read_ssd_spec(graph_def, core_graph_def, ssd_nodes: tf_graph.SsdGraphNodes,
                   config_path: Path | None, graph_path: Path | str = "graph") -> SsdSpec:
     """Build the SsdSpec of a graph (see the module docstring for where each value comes from)."""
     values = _graph_values(graph_def)
-    config = _read_config(config_path) if config_path else {}
+    config = read_config(config_path) if config_path else {}
+    config.pop("label_map_path", None)
     values.update(config)
     if values.get("score_converter", "SIGMOID") != "SIGMOID":
         raise UserError(f"score converter {values['score_converter']} is not supported (only SIGMOID, "

@@ -9,6 +9,26 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 
+# The ranges a value may take, wherever it is read (pipeline.config, NMS flags): name -> (test, wording).
+_RANGES = {
+    "positive": (lambda v: v > 0, "must be > 0"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "iou_threshold": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "score_threshold": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "top_k": (lambda v: v >= 1, "must be at least 1"),
+    "keep_top_k": (lambda v: v >= 1, "must be at least 1"),
+}
+
+
+def check_value(check: str, value) -> str | None:
+    """Why ``value`` is out of the range named ``check`` (a key of _RANGES), or None when it is in it."""
+    test, wording = _RANGES[check]
+    try:
+        return None if test(value) and value == value else wording   # NaN fails every range
+    except TypeError:
+        return wording
+
+
 @dataclass(frozen=True)
 class AnchorSpec:
     """Parameters of TF's ssd_anchor_generator (= GridAnchor_TRT's fields)."""
@@ -56,6 +76,14 @@ class NmsOverrides:
 
     def any(self) -> bool:
         return any(value is not None for value in asdict(self).values())
+
+    def problem(self) -> str | None:
+        """Why one of the overrides is out of range (e.g. "iou_threshold 2.0 must be in (0, 1]"), or None."""
+        for name, value in asdict(self).items():
+            why = None if value is None else check_value(name, value)
+            if why:
+                return f"{name} {value:g} {why}"
+        return None
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from defusedxml import DefusedXmlException, ElementTree
 
 from utils.errors import UserError
 from utils.files import write_text_atomic
-from utils.labels import COCO_TO_VOC, VOC_CLASSES
+from utils.labels import VOC_CLASSES, voc_class
 
 # One detection of a class: image id, score, xmin, ymin, xmax, ymax (the devkit's 1-based pixels).
 Detection = tuple[str, float, float, float, float, float]
@@ -159,15 +159,15 @@ def detections_to_voc(rows: np.ndarray, width: int, height: int,
     """One image's [M, 7] rows (normalised boxes) by VOC class, as [K, 5] (score, xmin, ymin, xmax, ymax).
 
     Boxes become the devkit's 1-based pixels: ``x * width + 1`` and ``y * height + 1`` (DEVKIT_OFFSET).
-    Labels are named by ``label_map`` (model id -> COCO name) and then ``COCO_TO_VOC``; those with no VOC
-    class are dropped.
+    Labels are named by ``label_map`` (model id -> name) and mapped to VOC by name (utils.labels.voc_class);
+    those with no VOC class are dropped.
     """
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, 7)
     labels = rows[:, 1].astype(np.int64)
     scaled = np.column_stack([rows[:, 2], rows[:, 3:7] * np.array([width, height, width, height]) + DEVKIT_OFFSET])
     by_class: dict[str, list[int]] = {}
     for label in np.unique(labels):
-        voc_name = COCO_TO_VOC.get(label_map.get(int(label), ""))
+        voc_name = voc_class(label_map.get(int(label), ""))
         if voc_name is not None:
             by_class.setdefault(voc_name, []).append(label)
     return {name: scaled[np.isin(labels, ids)] for name, ids in by_class.items()}
