@@ -219,6 +219,7 @@ def test_bare_path_with_label_map_prints_names(user_graphs):
     assert "Detected person with confidence" in result.stdout and not error_lines(result)
 
 
+@pytest.mark.slow   # > 9 s: converts the graph again
 def test_bare_path_without_label_map_warns_once_and_prints_class_1(user_graphs):
     graph = user_graphs / "alone" / "frozen_inference_graph.pb"
     result = run("detect_objects.py", IMAGES_DIR / "person.jpg", "-m", graph, "-w", user_graphs / "ws",
@@ -276,6 +277,7 @@ def test_labels_flag_on_a_file_overrides_its_names_and_the_results_key(pedestria
     assert renamed.key(pedestrian_onnx.artifact)["labels"] == {"1": "pedestrian"}
 
 
+@pytest.mark.slow   # > 9 s: converts the graph again
 def test_labels_are_part_of_the_conversion_key(pedestrian_model, tmp_path):
     from utils.converter import convert
 
