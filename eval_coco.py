@@ -22,7 +22,7 @@ from pathlib import Path
 from utils import cli
 from utils import coco
 from utils import evaluation as ev
-from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, UserError
+from utils.errors import EXIT_SOME_INPUTS_FAILED, UserError
 from utils.files import write_text_atomic
 from utils.pipeline import DECODE_NAMES
 from utils.run import open_executor
@@ -136,12 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(verdict)
         if not evaluated:
             problems = [f"no image could be evaluated: all {len(images)} images were skipped (see warnings)"]
-        if problems:
-            log.error("; ".join(problems))
-            return EXIT_SOME_INPUTS_FAILED
-        if not passed:
-            return EXIT_SOME_INPUTS_FAILED
-    return EXIT_OK
+        return ev.exit_code(problems, passed)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 
 from utils import cli
 from utils import evaluation as ev
-from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED
+from utils.errors import EXIT_SOME_INPUTS_FAILED
 from utils.pipeline import DECODE_NAMES
 from utils.run import open_executor
 from utils.voc import evaluate, mean_ap
@@ -134,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(verdict)
         if not evaluated.images:
             problems = [f"no image could be evaluated: {failures} of {total} images were skipped (see warnings)"]
-        problems = [problem for problem in problems if problem]
-        if problems:
-            log.error("; ".join(problems))
-            return EXIT_SOME_INPUTS_FAILED
-        if not passed:
-            return EXIT_SOME_INPUTS_FAILED
-    return EXIT_OK
+        return ev.exit_code(problems, passed)
 
 
 if __name__ == "__main__":

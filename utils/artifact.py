@@ -21,7 +21,6 @@ from utils.errors import UserError
 from utils.ssd_spec import SsdSpec
 
 PRECISIONS = ("FP32", "FP16", "INT8")
-KINDS = ("onnx", "engine", "frozen")
 METADATA_KEY = "ssd_detector"
 METADATA_FORMAT = 1
 
@@ -181,6 +180,22 @@ def read_engine(path: Path) -> Artifact:
     return artifact
 
 
+_READ: dict[tuple, Artifact] = {}
+
+
 def read_artifact(kind: str, path: Path) -> Artifact:
-    """read_onnx or read_engine."""
-    return read_onnx(path) if kind == "onnx" else read_engine(path)
+    """read_onnx or read_engine, read once per process while the file (and an engine's sidecar) is unchanged:
+    the plan reads it to resolve, then to prepare, and an ONNX may be 100 MB of protobuf."""
+    path = Path(path)
+    try:
+        stamps = tuple((info.st_size, info.st_mtime_ns) for info in
+                       [p.stat() for p in ([path] if kind == "onnx" else [path, engine_sidecar(path)])])
+    except OSError:
+        stamps = None                                   # missing: the reader says so in one line
+    key = (kind, str(path.resolve()), stamps)
+    if stamps is None or key not in _READ:
+        artifact = read_onnx(path) if kind == "onnx" else read_engine(path)
+        if stamps is None:
+            return artifact
+        _READ[key] = artifact
+    return _READ[key]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from utils.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED
 from utils.files import atomic_path, write_text_atomic
 from utils.labels import LABELS_HINT, VOC_CLASSES, voc_class
 from utils.pipeline import DECODE_NAMES
@@ -207,6 +208,16 @@ def plans_to_compare(args) -> list:
             other.precision, other.flavour = None, "auto"
         plans.append(cli.plan_from_args(other))
     return plans
+
+
+def exit_code(problems: list[str | None], passed: bool) -> int:
+    """An evaluation's exit code: the problems (a NaN AP, nothing evaluated) as one ``error:`` line and exit 1,
+    else 1 when --compare failed, else 0."""
+    problems = [problem for problem in problems if problem]
+    if problems:
+        logging.getLogger(__name__).error("; ".join(problems))
+        return EXIT_SOME_INPUTS_FAILED
+    return EXIT_OK if passed else EXIT_SOME_INPUTS_FAILED
 
 
 def is_nan(value: float | None) -> bool:

@@ -26,7 +26,6 @@ from utils.runtime import BACKENDS, RuntimeOptions, installed, open_runner
 from utils.ssd_spec import NmsOverrides
 
 log = logging.getLogger(__name__)
-SOURCES = ("model", "onnx", "engine")
 _WARNED_UNNAMED: set[str] = set()   # models whose "no names" warning was given (once per process)
 
 
@@ -171,13 +170,6 @@ class Plan:
                 "trt_module": artifact.trt_module or (self.options.trt_module if self.backend == "tensorrt" else None),
                 "nms": asdict(runnable.spec.nms), "decode": self.decode, "options": asdict(self.options),
                 "labels": {str(k): v for k, v in sorted(runnable.labels.items())}}
-
-    def describe(self) -> str:
-        """One line: what runs."""
-        what = self.location if self.source != "model" else (self.location or "the default model")
-        parts = [self.backend, self.flavour or "frozen graph", self.precision, f"batch {self.batch_size}",
-                 f"decode {self.decode}"] + ([self.options.trt_module] if self.options.trt_module else [])
-        return f"{what}: {', '.join(parts)}"
 
 
 # --- resolution, one value at a time --------------------------------------------------------------
