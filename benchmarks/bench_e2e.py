@@ -4,8 +4,9 @@
 For every batch size: the engine alone (input already on the device, benchmarks.common.measure),
 then JPEG files -> decoded + resized batches -> engine -> NMS -> host detections through
 utils.run.detect_batches (the one detection loop) with decode cpu on one worker thread, cpu on every
-core, and gpu (nvJPEG). The "outside" column is the share of end-to-end time not spent in the engine
-alone. Optionally (--voc) the VOC AP of the cpu and gpu decode paths on the same model, through
+core, gpu (nvJPEG: hardware engines via nvImageCodec), gpu-cuda (torchvision's nvJPEG on CUDA) and dali
+(the NVIDIA DALI pipeline of utils.dali_input, what --decode gpu uses when DALI is installed). The "outside" column is the share of end-to-end time not spent in the engine
+alone. Optionally (--voc) the VOC AP of the cpu, gpu and dali decode paths on the same model, through
 utils.evaluation.run_detections (label map from the file). Runs from a converted ONNX file (--onnx;
 it carries its own description, no TensorFlow), so it runs on the GPU machine; -m MODEL converts
 first. Writes JSON. Run from the repository root:
@@ -33,12 +34,19 @@ from benchmarks.common import (add_runtime_args, comma_choices, gpu_name, measur
 from utils import cli
 from utils.run import detect_batches, open_executor
 
-PATHS = ("cpu1", "cpu", "gpu", "gpu-cuda")
+PATHS = ("cpu1", "cpu", "gpu", "gpu-cuda", "dali")
 
 
 def decode_of(path: str) -> str:
-    """The --decode value of a row: cpu1 / cpu -> cpu, gpu / gpu-cuda -> gpu."""
+    """The --decode value of a row: cpu1 / cpu -> cpu, gpu / gpu-cuda / dali -> gpu."""
     return "cpu" if path.startswith("cpu") else "gpu"
+
+
+def default_paths() -> list[str]:
+    """Every row, dali only where DALI is installed."""
+    from utils.dali_input import dali_installed  # noqa: PLC0415
+
+    return [path for path in PATHS if path != "dali" or dali_installed()]
 
 
 def end_to_end(runner, paths: list[Path], batch: int, workers: int, decode: str) -> dict:
@@ -47,35 +55,43 @@ def end_to_end(runner, paths: list[Path], batch: int, workers: int, decode: str)
     is reported apart)."""
     for _ in detect_batches(runner, paths[:batch], batch, decode, workers):
         pass
-    count, on_cpu, hardware, startup, started = 0, 0, 0, 0.0, None
+    count, on_cpu, hardware, startup, started, detecting, waiting = 0, 0, 0, 0.0, None, 0.0, 0.0
     for result in detect_batches(runner, paths, batch, decode, workers):
         if started is None:                  # steady state: timed from the first batch's arrival
             done = time.perf_counter()
             startup = result.seconds - result.inference_seconds
             started = done - result.inference_seconds
+        else:
+            waiting += result.seconds - result.inference_seconds
+        detecting += result.inference_seconds
         count += len(result.results)
         on_cpu, hardware = on_cpu + result.cpu_decoded, hardware + result.hardware_decoded
     seconds = time.perf_counter() - started
+    # the stages as the consumer sees them: inside runner.detect (engine + NMS + copies back), and waiting
+    # for the next input batch (what the input path did not hide behind the engine)
     return {"images": count, "seconds": seconds, "img_per_s": count / seconds, "cpu_decoded": on_cpu,
-            "hardware_decoded": hardware, "first_batch_s": startup}
+            "hardware_decoded": hardware, "first_batch_s": startup, "detect_s": detecting, "input_wait_s": waiting}
 
 
 @contextlib.contextmanager
 def gpu_decoder(path: str):
-    """Row "gpu-cuda": torchvision's nvJPEG on CUDA only (SSD_NVJPEG_HARDWARE=0); "gpu": the default."""
-    saved = os.environ.get("SSD_NVJPEG_HARDWARE")
-    if path == "gpu-cuda":
-        os.environ["SSD_NVJPEG_HARDWARE"] = "0"
+    """The GPU input path of a row (utils.gpu_input.gpu_decoder): "dali" DALI's pipeline, "gpu" nvJPEG with
+    the hardware engines (nvImageCodec), "gpu-cuda" torchvision's nvJPEG on CUDA only."""
+    settings = {"dali": {"SSD_GPU_DECODER": "dali"}, "gpu": {"SSD_GPU_DECODER": "nvjpeg"},
+                "gpu-cuda": {"SSD_GPU_DECODER": "nvjpeg", "SSD_NVJPEG_HARDWARE": "0"}}.get(path, {})
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        os.environ.pop("SSD_NVJPEG_HARDWARE", None)
-        if saved is not None:
-            os.environ["SSD_NVJPEG_HARDWARE"] = saved
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def voc_ap(args: argparse.Namespace, artifact, paths: list[str], batch: int, workers: int) -> dict:
-    """VOC AP of the model for each decode path among cpu, gpu, gpu-cuda (same file, same images), through
+    """VOC AP of the model for each decode path among cpu, gpu, gpu-cuda, dali (same file, same images), through
     utils.evaluation.run_detections on a local executor (utils.run.open_executor)."""
     from utils import evaluation as ev  # noqa: PLC0415
     from utils.voc import evaluate, load_dataset, mean_ap  # noqa: PLC0415
@@ -95,17 +111,22 @@ def voc_ap(args: argparse.Namespace, artifact, paths: list[str], batch: int, wor
         report["delta_points"] = (report["gpu"]["mAP"] - report["cpu"]["mAP"]) * 100
     if "cpu" in report and "gpu-cuda" in report:
         report["delta_points_gpu_cuda"] = (report["gpu-cuda"]["mAP"] - report["cpu"]["mAP"]) * 100
+    if "cpu" in report and "dali" in report:
+        report["delta_points_dali"] = (report["dali"]["mAP"] - report["cpu"]["mAP"]) * 100
     return report
 
 
 def voc_line(voc: dict) -> str:
-    line = "VOC mAP " + ", ".join(f"decode {path} {voc[path]['mAP']:.4f}" for path in ("cpu", "gpu", "gpu-cuda")
-                                  if path in voc)
+    line = "VOC mAP " + ", ".join(f"decode {path} {voc[path]['mAP']:.4f}"
+                                  for path in ("cpu", "gpu", "gpu-cuda", "dali") if path in voc)
     if "delta_points" in voc:
         line += (f"; gpu - cpu {voc['delta_points']:+.2f} points ({voc['gpu']['cpu_decoded']} images decoded on the "
                  f"CPU by the gpu path)")
     if "delta_points_gpu_cuda" in voc:
         line += f"; gpu-cuda (torchvision) - cpu {voc['delta_points_gpu_cuda']:+.2f} points"
+    if "delta_points_dali" in voc:
+        line += (f"; dali - cpu {voc['delta_points_dali']:+.2f} points ({voc['dali']['cpu_decoded']} images decoded "
+                 f"on the CPU by the dali path)")
     return line
 
 
@@ -118,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=parse_batches, default=parse_batches("1,64,256"),
                         help="batch sizes (default 1,64,256)")
     parser.add_argument("--repeat", type=int, default=5, help="passes over the images in the gpu rows (batch > 1)")
-    parser.add_argument("--paths", type=comma_choices(PATHS), default=list(PATHS),
+    parser.add_argument("--paths", type=comma_choices(PATHS), default=None,
                         help="rows: cpu1 (one decode thread), cpu (all cores), gpu (hardware nvJPEG if installed), "
-                             "gpu-cuda (torchvision's nvJPEG on CUDA) (default: all four)")
+                             "gpu-cuda (torchvision's nvJPEG on CUDA), dali (NVIDIA DALI) (default: all, dali where "
+                             "installed)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds of the engine-only figure")
     parser.add_argument("--voc", type=Path, metavar="VOC2007",
                         help="also the VOC AP of the decode paths in --paths (cpu1 counts as cpu) on this VOC2007 "
@@ -132,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
+    args.paths = args.paths or default_paths()
     cli.setup_logging()
 
     if args.switch_interval:

@@ -1,5 +1,6 @@
 """utils/engine.py through the TensorRT 10/11 double, and real CPU-only builds with tensorrt_rtx."""
 
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -406,3 +407,103 @@ def test_compute_capability_names():
 
     assert [compute_capability_name(v) for v in ("86", "8.6", "sm86", "SM86", "current", None)] == \
         ["SM86", "SM86", "SM86", "SM86", "CURRENT", None]
+
+
+# --- the TensorRT runner through the double: host and device input, stream order -----------------
+
+class _DeviceBatch:
+    """A batch "on the GPU" of the cudart double (whose device memory is host memory): the CUDA Array
+    Interface, version 3, with the stream that produced it."""
+
+    def __init__(self, pixels: np.ndarray, stream: int):
+        self.pixels = np.ascontiguousarray(pixels, np.float32)
+        self.shape = self.pixels.shape
+        self.__cuda_array_interface__ = {"shape": self.shape, "typestr": "<f4", "strides": None, "version": 3,
+                                         "data": (self.pixels.ctypes.data, False), "stream": stream}
+
+    def __len__(self):
+        return self.shape[0]
+
+
+@pytest.fixture
+def trt_runner(monkeypatch, tmp_path):
+    """A TensorRTRunner of a core-flavour engine on the TensorRT 10 double and the cudart double; the
+    double's network writes boxes and scores that depend on the input it reads at the bound address."""
+    import utils.runtime.tensorrt as trt_runtime
+    from test_postprocess import _random_outputs
+    from tests.trt_double import make_cudart
+    from utils.ssd_spec import AnchorSpec, SsdSpec
+
+    trt, state = make_trt(10)
+    cudart = make_cudart(state)
+    spec = SsdSpec(num_classes=3, input_size=(300, 300), anchors=AnchorSpec(feature_map_shapes=((5, 5),)))
+    state.onnx_outputs = {"boxes": (-1, spec.num_anchors, 4), "scores": (-1, spec.num_anchors, 3)}
+    boxes, scores = _random_outputs(4, 4, spec.num_anchors, 3, False)
+
+    def network(addresses, shapes):
+        count = shapes["Input"][0]
+        pixels = np.ctypeslib.as_array((ctypes.c_float * (count * 3 * 300 * 300)).from_address(addresses["Input"]))
+        first = pixels.reshape(count, -1)[:, 0]                        # each image's first value picks its outputs
+        for name, values in (("boxes", boxes), ("scores", scores)):
+            out = np.ctypeslib.as_array((ctypes.c_float * values[:count].size).from_address(addresses[name]))
+            out[:] = values[np.asarray(first, int) % len(values)].ravel()
+
+    state.on_execute = network
+    monkeypatch.setattr(trt_runtime, "import_trt", lambda name=None: trt)
+    monkeypatch.setattr(trt_runtime, "import_cudart", lambda: cudart)
+    engine = tmp_path / "core.engine"
+    engine.write_bytes(MAGIC + json.dumps({"onnx": "x"}).encode())
+    artifact = Artifact("engine", engine, spec, "core", "FP16", "double", {1: "a", 2: "b"},
+                        trt_module=f"tensorrt {trt.__version__}", max_batch_size=4)
+    runner = trt_runtime.TensorRTRunner(artifact, 4)
+    yield runner, state, cudart, (boxes, scores)
+    runner.close()
+    assert not cudart.memory, "the runner left CUDA memory allocated"
+
+
+def test_tensorrt_runner_takes_a_device_batch_by_pointer_after_its_stream(trt_runner):
+    """A device batch: its pointer reaches set_tensor_address (no host-to-device copy), the engine's stream
+    waits on an event recorded on the batch's stream before execute_async_v3, the outputs come back on the
+    engine's stream, and the detections are the core flavour's NMS of what the network wrote."""
+    from utils.postprocess import multiclass_nms
+
+    runner, state, _, (boxes, scores) = trt_runner
+    assert runner.takes_device_input
+    pixels = np.zeros((3, 3, 300, 300), np.float32)
+    pixels[:, 0, 0, 0] = [2, 0, 3]
+    batch = _DeviceBatch(pixels, stream=77)
+    state.calls.clear()
+    detections, counts = runner.detect(batch)
+    calls = [(name, args) for name, args in state.calls
+             if not name.startswith(("IExecutionContext.set_input", "cudaEventCreate"))]
+    names = [name for name, _ in calls]
+    stream = runner.stream
+    event = calls[names.index("cudaEventRecord")][1][0]
+    assert calls[:4] == [("cudaEventRecord", (event, 77)), ("cudaStreamWaitEvent", (stream, event, 0)),
+                         ("IExecutionContext.set_tensor_address", ("Input", batch.pixels.ctypes.data)),
+                         ("IExecutionContext.execute_async_v3", (stream,))]
+    copies = [args for name, args in calls if name == "cudaMemcpyAsync"]
+    assert len(copies) == 2 and all(args[3] == 2 and args[4] == stream for args in copies)   # device to host
+    assert names[-1] == "cudaStreamSynchronize" and calls[-1][1] == (stream,)
+    expected = multiclass_nms(boxes[[2, 0, 3]], scores[[2, 0, 3]], runner.spec.nms)
+    np.testing.assert_array_equal(counts, expected[1])
+    np.testing.assert_array_equal(detections, expected[0])
+
+
+def test_tensorrt_runner_host_batch_after_a_device_batch_uses_its_own_buffer(trt_runner):
+    from utils.postprocess import multiclass_nms
+
+    runner, state, _, (boxes, scores) = trt_runner
+    pixels = np.zeros((2, 3, 300, 300), np.float32)
+    pixels[:, 0, 0, 0] = [1, 3]
+    runner.detect(_DeviceBatch(pixels[::-1], stream=None))             # stream None: nothing to wait for
+    assert "cudaEventRecord" not in state.names()
+    state.calls.clear()
+    detections, counts = runner.detect(pixels)
+    own = runner.buffers["Input"].device
+    assert ("IExecutionContext.set_tensor_address", ("Input", own)) in state.calls
+    first_copy = next(args for name, args in state.calls if name == "cudaMemcpyAsync")
+    assert first_copy[0] == own and first_copy[3] == 1                   # host to device, into its own buffer
+    expected = multiclass_nms(boxes[[1, 3]], scores[[1, 3]], runner.spec.nms)
+    np.testing.assert_array_equal(detections, expected[0])
+    np.testing.assert_array_equal(counts, expected[1])

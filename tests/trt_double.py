@@ -5,14 +5,23 @@ IInt8EntropyCalibrator2); ``make_trt(11)`` is strongly typed and has none of the
 follow the TensorRT Python API (tests/test_trt_api_contract.py checks them against tensorrt_rtx).
 Objects use __slots__ and the module is a plain ModuleType, so any other name raises AttributeError.
 Every call is appended to ``state.calls`` as (qualified name, args).
+
+``make_cudart(state)`` is the matching double of cuda-python's runtime (``cuda.bindings.runtime``), only the
+calls the TensorRT runner makes, returning (error, value) tuples as cuda-python does. Its "device" memory is
+host memory (so copies and the engine's reads and writes are real), its streams and events are numbers, and
+every call is recorded in the same ``state.calls`` (the order of work on the streams is the order of calls).
+``state.on_execute(addresses, shapes)``, when set, is the network: it reads the input and writes the outputs
+at the addresses bound with set_tensor_address.
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
 import types
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -29,6 +38,7 @@ class DoubleState:
     build_raises: str | None = None
     onnx_inputs: dict = field(default_factory=lambda: {"Input": (-1, 3, 300, 300)})
     onnx_outputs: dict = field(default_factory=lambda: {"boxes": (-1, 1917, 4), "scores": (-1, 1917, 3)})
+    on_execute: Callable | None = None                 # (addresses, shapes) -> None: the network
 
     def record(self, name: str, *args) -> None:
         self.calls.append((name, args))
@@ -249,6 +259,9 @@ def _classes(major: int, state: DoubleState) -> dict:  # noqa: C901  (one closur
 
         def execute_async_v3(self, stream_handle):
             state.record("IExecutionContext.execute_async_v3", stream_handle)
+            if state.on_execute is not None:
+                shapes = {name: self.get_tensor_shape(name) for name in self._addresses}
+                state.on_execute(dict(self._addresses), shapes)
             return True
 
     class ICudaEngine:
@@ -317,3 +330,50 @@ def _trt10_only(state: DoubleState) -> dict:
             raise NotImplementedError
 
     return {"BuilderFlag": BuilderFlag, "IInt8EntropyCalibrator2": IInt8EntropyCalibrator2}
+
+
+def make_cudart(state: DoubleState) -> types.ModuleType:
+    """A double of ``cuda.bindings.runtime`` for one GPU named "Double GPU" (see the module docstring)."""
+    memory: dict[int, ctypes.Array] = {}
+    handles = iter(range(0x5000, 1 << 30))
+
+    def allocate(name: str, size: int):
+        buffer = (ctypes.c_byte * max(1, size))()
+        address = ctypes.addressof(buffer)
+        memory[address] = buffer
+        state.record(name, size)
+        return 0, address
+
+    def free(name: str):
+        def release(address):
+            state.record(name, address)
+            return (0 if memory.pop(int(address), None) is not None else 1,)
+        return release
+
+    def call(name: str, result=None):
+        def record(*args):
+            state.record(name, *args)
+            return (0,) if result is None else (0, result())
+        return record
+
+    def memcpy_async(dst, src, count, kind, stream):
+        state.record("cudaMemcpyAsync", int(dst), int(src), count, kind, stream)
+        ctypes.memmove(int(dst), int(src), count)
+        return (0,)
+
+    module = types.ModuleType("cuda.bindings.runtime")
+    module.cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2})
+    module.cudaEventDisableTiming = 2
+    module.cudaGetDeviceCount = lambda: (0, 1)
+    module.cudaGetDeviceProperties = lambda device: (0, types.SimpleNamespace(name=b"Double GPU"))
+    module.cudaMalloc = lambda size: allocate("cudaMalloc", size)
+    module.cudaMallocHost = lambda size: allocate("cudaMallocHost", size)
+    module.cudaFree, module.cudaFreeHost = free("cudaFree"), free("cudaFreeHost")
+    module.cudaMemcpyAsync = memcpy_async
+    module.cudaStreamCreate = call("cudaStreamCreate", lambda: next(handles))
+    module.cudaEventCreateWithFlags = call("cudaEventCreateWithFlags", lambda: next(handles))
+    for name in ("cudaStreamSynchronize", "cudaStreamDestroy", "cudaEventRecord", "cudaStreamWaitEvent",
+                 "cudaEventDestroy"):
+        setattr(module, name, call(name))
+    module.memory = memory
+    return module

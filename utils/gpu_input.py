@@ -1,5 +1,8 @@
-"""Image files -> network input on the GPU: nvJPEG decode (torchvision), TF's legacy resize and the
-scaling in a few batched kernels, the batch left on the device for the engine.
+"""Image files -> network input on the GPU, the batch left on the device for the engine.
+
+With NVIDIA DALI installed, ``GpuImageLoader`` hands the work to utils.dali_input (decode on the hardware
+JPEG engines, resize and scaling in DALI's C++ threads; $SSD_GPU_DECODER=nvjpeg keeps the path below).
+Without it: nvJPEG decode, TF's legacy resize and the scaling in a few batched torch kernels.
 
 Decoders: nvImageCodec on the GPU's hardware JPEG engines (NVJPG; no SMs used, pixels as libjpeg's)
 when it is installed; torchvision's nvJPEG on CUDA (another 4:2:0 chroma upsampling) for what it
@@ -29,12 +32,37 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from utils.jpeg import JpegHeader, orient, read_jpeg_header
+from utils.jpeg import JpegHeader, orient, read_encoded, read_jpeg_header
 from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, load_one
 from utils.preprocess import PIXEL_SCALE, legacy_taps
 
 # Reader threads: more only add GIL contention with the decode thread and the caller (benchmarks/README.md).
 READ_WORKERS = int(os.environ.get("SSD_GPU_READ_THREADS", "1"))    # 0: read in the decode thread
+GPU_DECODERS = ("auto", "dali", "nvjpeg")
+
+
+def gpu_decoder() -> str:
+    """The GPU input path: "dali" (utils.dali_input) when DALI is installed, else "nvjpeg" (this module);
+    $SSD_GPU_DECODER (auto | dali | nvjpeg) overrides auto."""
+    from utils.dali_input import dali_installed  # noqa: PLC0415
+
+    choice = os.environ.get("SSD_GPU_DECODER", "auto")
+    if choice not in GPU_DECODERS:
+        raise ValueError(f"SSD_GPU_DECODER must be one of {', '.join(GPU_DECODERS)}, not {choice!r}")
+    if choice == "dali" and not dali_installed():
+        raise RuntimeError("SSD_GPU_DECODER=dali but nvidia-dali is not installed (see requirements-gpu.txt)")
+    return "dali" if choice == "dali" or (choice == "auto" and dali_installed()) else "nvjpeg"
+
+
+def decoder_description() -> str:
+    """One line naming the GPU input path in use (the scripts' settings)."""
+    if gpu_decoder() == "dali":
+        from utils.dali_input import DALI_THREADS, HW_DECODER_LOAD  # noqa: PLC0415
+
+        return (f"GPU (NVIDIA DALI: hardware JPEG engines for {HW_DECODER_LOAD:.0%} of the data, nvJPEG for the "
+                f"rest, TF's resize on the GPU, {DALI_THREADS} DALI threads)")
+    return ("GPU (nvJPEG: hardware engines via nvImageCodec" + (" " if hardware_decoder() else " not installed, ")
+            + "CUDA via torchvision; TF's resize on the GPU)")
 
 
 def hardware_decoder():
@@ -97,7 +125,9 @@ class _Read:
 
 
 class GpuImageLoader:
-    """Batches of files -> InputBatch with the tensor on the GPU, in input order."""
+    """Batches of files (``batches``) or of encoded images already read (``encoded_batches``,
+    ``decode_encoded``) -> InputBatch with the tensor on the GPU, in input order: DALI's pipeline when
+    installed (gpu_decoder), else nvJPEG + torch kernels."""
 
     def __init__(self, input_size: tuple[int, int], workers: int = 4, keep_images: bool = False,
                  device: str = "cuda"):
@@ -105,19 +135,23 @@ class GpuImageLoader:
         self.workers = max(0, min(workers, READ_WORKERS))
         self.keep_images = keep_images
         self.device = torch.device(device)
+        self.decoder = gpu_decoder()
+        self.dali = None
+        if self.decoder == "dali":
+            from utils.dali_input import DaliImageLoader  # noqa: PLC0415
+
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.dali = DaliImageLoader(input_size, max(1, workers), keep_images, device="gpu", device_id=index)
+            return
         self.stream = torch.cuda.Stream(self.device)
         self.hardware = hardware_decoder()
 
     def _read(self, path: Path) -> _Read:
-        """Read a file straight into a fresh uint8 buffer (readinto: the copy and its page faults
-        happen with the GIL released) and check its header."""
-        try:
-            with open(path, "rb") as file:
-                data = np.empty(os.fstat(file.fileno()).st_size, np.uint8)
-                complete = file.readinto(memoryview(data)) == len(data)
-        except OSError:
-            data, complete = None, False
-        header = read_jpeg_header(data) if complete else JpegHeader("unreadable file")
+        """Read a file (utils.jpeg.read_encoded) and route it by its header."""
+        data, header = read_encoded(path)
+        return self._routed(path, data, header)
+
+    def _routed(self, path: Path, data: np.ndarray | None, header: JpegHeader) -> _Read:
         if header.cpu_reason is None:
             return _Read(path, header, encoded=data)
         return _Read(path, header, loaded=load_one(path, self.input_size, self.keep_images))
@@ -210,14 +244,38 @@ class GpuImageLoader:
             submitted += len(more)
             yield [future.result() for future in batch]
 
+    def encoded_batches(self, batches, batch_size: int) -> Iterator[InputBatch]:
+        """InputBatch of each list of (name, encoded bytes) pairs in ``batches`` (images already read, e.g. by
+        a Ray actor), in order; the name is the item's path (the CPU path reads that file if the bytes are
+        refused; with DALI, bytes without a file are read from memory). See DaliImageLoader.encoded_batches."""
+        if self.dali is not None:
+            return self.dali.encoded_batches(batches, batch_size)
+
+        def reads(_pool, _paths, _size) -> Iterator[list[_Read]]:
+            for batch in batches:
+                arrays = [(Path(name), np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data)
+                          for name, data in batch]
+                yield [self._routed(path, data, read_jpeg_header(data)) for path, data in arrays]
+
+        return self._produced(reads, [], batch_size)
+
+    def decode_encoded(self, items) -> InputBatch:
+        """One InputBatch of (name, encoded bytes) pairs, decoded now."""
+        return next(iter(self.encoded_batches([items], max(1, len(items)))))
+
     def batches(self, paths: Sequence[Path], batch_size: int) -> Iterator[InputBatch]:
         """Yield InputBatch of up to ``batch_size`` files, in input order.
 
         Reading runs ahead and one producer thread (its own CUDA stream) decodes and resizes the
         next batch while the caller works on this one (threads, not decode processes: without MPS the
-        GPU time-slices between processes; benchmarks/README.md).
+        GPU time-slices between processes; benchmarks/README.md). With DALI: DaliImageLoader.batches.
         """
-        paths = list(paths)
+        if self.dali is not None:
+            return self.dali.batches(paths, batch_size)
+        return self._produced(self._reads, list(paths), batch_size)
+
+    def _produced(self, reads, paths: list[Path], batch_size: int) -> Iterator[InputBatch]:
+        """The nvJPEG path's producer thread over ``reads(pool, paths, batch_size)`` (lists of _Read)."""
         ready: Queue = Queue(maxsize=PREFETCH_BATCHES)
         stop = threading.Event()
 
@@ -225,10 +283,10 @@ class GpuImageLoader:
             try:
                 with ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="read") as pool, \
                         torch.cuda.stream(self.stream):
-                    for reads in self._reads(pool, paths, batch_size):
+                    for group in reads(pool, paths, batch_size):
                         if stop.is_set():
                             break
-                        built = self._to_batch(reads)
+                        built = self._to_batch(group)
                         self.stream.synchronize()
                         ready.put(built)
                 ready.put(None)

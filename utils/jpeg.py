@@ -1,11 +1,12 @@
 """JPEG headers without decoding: which decoder takes a file, and its EXIF orientation.
 
-Used by the GPU input path (utils.gpu_input) to send the files nvJPEG cannot decode to the CPU
+Used by the GPU input paths (utils.gpu_input, utils.dali_input) to send the files nvJPEG cannot decode to the CPU
 path; torch-free, so it is tested on any machine.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -97,3 +98,15 @@ def orient(image, orientation: int, channels_last: bool = False):
         return np.flip(image, flips) if flips else image
     image = image.permute(order) if swap else image
     return image.flip(flips) if flips else image
+
+
+def read_encoded(path) -> tuple[np.ndarray | None, JpegHeader]:
+    """A file's bytes (a fresh uint8 buffer, read with ``readinto``: the copy and its page faults happen with
+    the GIL released) and its header; (None, "unreadable file") when it cannot be read whole."""
+    try:
+        with open(path, "rb") as file:
+            data = np.empty(os.fstat(file.fileno()).st_size, np.uint8)
+            complete = file.readinto(memoryview(data)) == len(data)
+    except OSError:
+        return None, JpegHeader("unreadable file")
+    return (data, read_jpeg_header(data)) if complete else (None, JpegHeader("unreadable file"))

@@ -114,6 +114,15 @@ def detect_batches(runner: Runner, files: Sequence[Path], batch_size: int, decod
         began = time.perf_counter()
 
 
+def decode_description(decode: str) -> str:
+    """The input path of ``decode`` in words: for gpu, DALI's pipeline or nvJPEG's (utils.gpu_input.gpu_decoder)."""
+    if decode == "gpu":
+        from utils.gpu_input import decoder_description  # noqa: PLC0415  (imports torch: only for --decode gpu)
+
+        return decoder_description()
+    return DECODE_NAMES[decode]
+
+
 class Executor(Protocol):
     name: str       # shown to the user, e.g. "ONNX Runtime"
 
@@ -133,7 +142,7 @@ class LocalExecutor:
         self.name = runner.name
 
     def settings(self) -> list[str]:
-        return self.runner.settings() + [f"  * Image decode - {DECODE_NAMES[self.plan.decode]}"]
+        return self.runner.settings() + [f"  * Image decode - {decode_description(self.plan.decode)}"]
 
     def batches(self, files, keys=None, keep_images=False) -> Iterator[BatchResult]:
         return detect_batches(self.runner, files, self.plan.batch_size, self.plan.decode, self.workers, keep_images,

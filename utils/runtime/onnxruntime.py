@@ -6,8 +6,9 @@
 Runs go through I/O binding with input and output buffers allocated once per batch size on the
 session's device. On CUDA, ``cuda_graph=True`` captures a CUDA graph (ONNX Runtime's
 enable_cuda_graph): batches are then padded to max_batch_size so that the shapes and addresses
-never change. On CUDA, ``detect`` also takes a torch CUDA tensor (``--decode gpu``): its buffers
-are then torch tensors bound by address, and the core flavour's NMS runs on the GPU.
+never change. On CUDA, ``detect`` also takes a torch CUDA tensor (``--decode gpu``: DALI's or nvJPEG's
+batch): its buffers are then torch tensors bound by address, the core flavour's NMS runs on the GPU and
+only the detections come back, through pinned host buffers.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class DeviceBinding:
         import torch  # noqa: PLC0415  (only with --decode gpu)
 
         self.torch, self.session = torch, session
+        self.pinned: dict = {}
         self.input = torch.zeros(input_shape, dtype=torch.float32, device="cuda")
         self.outputs = {name: torch.empty(shape, dtype=torch.float32 if dtype == np.float32 else torch.int32,
                                           device="cuda") for name, (shape, dtype) in outputs.items()}
@@ -94,6 +96,19 @@ class DeviceBinding:
         self.torch.cuda.current_stream().synchronize()     # ONNX Runtime runs on its own stream
         self.session.run_with_iobinding(self.binding)       # returns once its outputs are written
         return [value[:count] for value in self.outputs.values()]
+
+    def to_host(self, values) -> list[np.ndarray]:
+        """CUDA tensors (the detections) -> numpy copies, through pinned buffers kept per shape: one
+        non-blocking copy each, then one wait on the stream."""
+        staged = []
+        for value in values:
+            key = (tuple(value.shape), value.dtype)
+            if key not in self.pinned:
+                self.pinned[key] = self.torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self.pinned[key].copy_(value, non_blocking=True)
+            staged.append(self.pinned[key])
+        self.torch.cuda.current_stream().synchronize()
+        return [value.numpy().copy() for value in staged]
 
 
 def _session(artifact: Artifact, on_cuda: bool, cuda_graph: bool, nhwc: bool) -> ort.InferenceSession:
@@ -182,7 +197,10 @@ class OnnxRuntimeRunner(Runner):
         if not flavour_info(self.flavour).nms_inside:
             outputs = batched_multiclass_nms(*outputs, self.spec.nms)
         # copies: the bound output buffers are reused by the next run
-        detections, num_detections = (value.cpu().numpy() if on_device else np.array(value) for value in outputs)
+        if on_device:
+            detections, num_detections = self.binding(len(batch), on_device=True).to_host(outputs)
+        else:
+            detections, num_detections = (np.array(value) for value in outputs)
         return detections, num_detections
 
     def settings(self) -> list[str]:

@@ -1,8 +1,12 @@
 """TensorRT runner: a built engine (+ its sidecar) -> one execution context with fixed CUDA buffers.
 
 Buffers (device + pinned host staging) are allocated once for the maximum batch; each ``detect``
-copies in, runs ``execute_async_v3`` and copies out on one stream. For the ``core`` flavour the NMS
-runs on the host (utils.postprocess.batched_multiclass_nms), as TensorRT-RTX cannot build NonMaxSuppression.
+copies in, runs ``execute_async_v3`` and copies out on one stream. A batch already on the GPU (a CUDA
+torch tensor from utils.gpu_input, or any array with ``__cuda_array_interface__``) is not copied: its
+device pointer goes to ``set_tensor_address`` and the engine's stream waits on an event recorded on the
+producer's stream (the interface's ``stream``, or torch's current stream). For the ``core`` flavour the
+NMS (utils.postprocess.batched_multiclass_nms; TensorRT-RTX cannot build NonMaxSuppression) runs in torch
+on the GPU for such a batch, on the host otherwise; only the detections come back.
 With TensorRT-RTX the JIT kernels are kept in a runtime cache beside the engine, saved on ``close``.
 """
 
@@ -45,6 +49,67 @@ def _allocate(cudart, name: str, shape: tuple[int, ...], dtype: np.dtype) -> _Bu
     return _Buffer(name, device, host, host_ptr)
 
 
+@dataclass(frozen=True)
+class DeviceArray:
+    """What the runner needs of a batch already on the GPU (the CUDA Array Interface's fields)."""
+
+    pointer: int
+    shape: tuple[int, ...]
+    typestr: str
+    strides: tuple[int, ...] | None
+    stream: int | None             # the producer's stream to wait on; None: nothing to wait for
+
+    @property
+    def contiguous(self) -> bool:
+        if self.strides is None:
+            return True
+        size, expected = int(np.dtype(self.typestr).itemsize), []
+        for extent in reversed(self.shape):
+            expected.insert(0, size)
+            size *= extent
+        return tuple(self.strides) == tuple(expected)
+
+
+def device_array(batch) -> DeviceArray:
+    """A device batch's pointer, shape and producer stream from its ``__cuda_array_interface__``: the
+    interface's ``stream`` (version 3: None = no wait, 1 = the legacy default stream, 2 = per-thread default),
+    else torch's current stream for a torch tensor, else the legacy default stream."""
+    interface = batch.__cuda_array_interface__
+    if "stream" in interface:
+        stream = interface["stream"]
+        stream = 0 if stream == 1 else stream
+    elif type(batch).__module__.split(".")[0] == "torch":
+        import torch  # noqa: PLC0415
+
+        stream = int(torch.cuda.current_stream(batch.device).cuda_stream)
+    else:
+        stream = 0
+    strides = interface.get("strides")
+    return DeviceArray(int(interface["data"][0]), tuple(int(d) for d in interface["shape"]), interface["typestr"],
+                       tuple(strides) if strides is not None else None, stream)
+
+
+def torch_cuda():
+    """torch, when it is installed with CUDA (the GPU NMS), else None."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch  # noqa: PLC0415
+
+    return torch if torch.cuda.is_available() else None
+
+
+class _DeviceView:
+    """The first ``count`` images of an engine output buffer, as a CUDA Array Interface (torch.as_tensor
+    wraps it without a copy)."""
+
+    def __init__(self, buffer: _Buffer, count: int):
+        shape = (count, *buffer.host.shape[1:])
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": buffer.host.dtype.str, "strides": None,
+                                         "data": (buffer.device, False), "version": 2}
+
+
 class TensorRTRunner(Runner):
     name = "TensorRT"
 
@@ -52,6 +117,7 @@ class TensorRTRunner(Runner):
         """Deserialize ``artifact``'s engine with the module that built it and get it ready to run."""
         self.buffers: dict[str, _Buffer] = {}
         self.stream = 0
+        self.event = 0
         self.runtime_cache = None
         module_name = artifact.trt_module.split()[0] if artifact.trt_module else options.trt_module
         self.trt = import_trt(module_name)
@@ -106,24 +172,70 @@ class TensorRTRunner(Runner):
             cuda_call(self.cudart.cudaMemcpyAsync(buffer.host_ptr, buffer.device, nbytes,
                                                   kind.cudaMemcpyDeviceToHost, self.stream))
 
-    def detect(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        count = batch.shape[0]
+    @property
+    def takes_device_input(self) -> bool:
+        return True
+
+    def _event(self) -> int:
+        if not self.event:
+            flags = self.cudart.cudaEventDisableTiming
+            self.event = int(cuda_call(self.cudart.cudaEventCreateWithFlags(flags)))
+        return self.event
+
+    def _bind_device_input(self, batch) -> tuple[int, ...]:
+        """Point the engine's input at a device batch (no copy) after its producer's work: an event recorded
+        on the producer's stream, waited on by the engine's stream. Returns the batch's shape."""
+        array = device_array(batch)
+        if array.typestr != "<f4" or not array.contiguous:
+            raise ValueError(f"a device batch must be contiguous float32, got {array.typestr} strides {array.strides}")
+        if array.stream is not None:
+            cuda_call(self.cudart.cudaEventRecord(self._event(), array.stream))
+            cuda_call(self.cudart.cudaStreamWaitEvent(self.stream, self._event(), 0))
+        self.context.set_tensor_address(INPUT, array.pointer)
+        return array.shape
+
+    def detect(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        on_device = not isinstance(batch, np.ndarray)
+        count = int(batch.shape[0])
         if count > self.max_batch_size:
             raise UserError(f"batch of {count} exceeds the engine's max batch size {self.max_batch_size}")
-        self.context.set_input_shape(INPUT, tuple(batch.shape))
-        source = self.buffers[INPUT]
-        source.host[:count] = batch
-        self._copy(source, count, to_device=True)
+        if on_device:
+            shape = self._bind_device_input(batch)
+        else:
+            shape = tuple(batch.shape)
+            source = self.buffers[INPUT]
+            self.context.set_tensor_address(INPUT, source.device)
+            source.host[:count] = batch
+            self._copy(source, count, to_device=True)
+        self.context.set_input_shape(INPUT, shape)
         if not self.context.execute_async_v3(self.stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         outputs = [self.buffers[n] for n in flavour_info(self.flavour).outputs]
+        nms_inside = flavour_info(self.flavour).nms_inside
+        if on_device and not nms_inside and torch_cuda() is not None:
+            return self._nms_on_gpu(outputs, count)
         for buffer in outputs:
             self._copy(buffer, count, to_device=False)
         cuda_call(self.cudart.cudaStreamSynchronize(self.stream))
         first, second = (buffer.host[:count].copy() for buffer in outputs)
-        if not flavour_info(self.flavour).nms_inside:
+        if not nms_inside:
             return batched_multiclass_nms(first, second, self.spec.nms)
         return first, second
+
+    def _nms_on_gpu(self, outputs: list[_Buffer], count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The core flavour's NMS in torch on the engine's outputs where they are (torch's stream waits on the
+        engine's through an event); the [N, K, 7] detections copied back through pinned memory."""
+        torch = torch_cuda()
+        waiting = torch.cuda.current_stream()
+        cuda_call(self.cudart.cudaEventRecord(self._event(), self.stream))
+        cuda_call(self.cudart.cudaStreamWaitEvent(waiting.cuda_stream, self._event(), 0))
+        boxes, scores = (torch.as_tensor(_DeviceView(buffer, count), device="cuda") for buffer in outputs)
+        detections, found = batched_multiclass_nms(boxes, scores, self.spec.nms)
+        host = [torch.empty(value.shape, dtype=value.dtype, pin_memory=True) for value in (detections, found)]
+        for target, value in zip(host, (detections, found)):
+            target.copy_(value, non_blocking=True)
+        waiting.synchronize()
+        return host[0].numpy().copy(), host[1].numpy().copy()
 
     def close(self) -> None:
         """Save the runtime cache and free the CUDA buffers and stream."""
@@ -135,6 +247,9 @@ class TensorRTRunner(Runner):
             cuda_call(self.cudart.cudaFree(buffer.device))
             cuda_call(self.cudart.cudaFreeHost(buffer.host_ptr))
         self.buffers.clear()
+        if self.event:
+            cuda_call(self.cudart.cudaEventDestroy(self.event))
+            self.event = 0
         if self.stream:
             cuda_call(self.cudart.cudaStreamDestroy(self.stream))
             self.stream = 0
