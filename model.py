@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                             calibration, labels)
         spec, labels = converted.spec, converted.artifact.labels
         warn_unnamed(labels, spec.num_classes, model.name)
-        log.info(f"{spec.num_classes} classes (with background; {len(labels)} named), {spec.num_anchors} anchors on "
-                 f"feature maps {'/'.join(str(h) for h, _ in spec.anchors.feature_map_shapes)}, input "
+        maps = "/".join(str(h) if h == w else f"{h}x{w}" for h, w in spec.anchors.feature_map_shapes)
+        log.info(f"{spec.num_classes} classes (with background; {len(labels)} named), {spec.num_anchors} "
+                 f"{spec.anchors.generator} anchors on feature maps {maps}, input "
                  f"{spec.input_size[0]}x{spec.input_size[1]}, NMS IoU {spec.nms.iou_threshold:g}, "
                  f"keepTopK {spec.nms.keep_top_k}")
         print(converted.onnx_path)

@@ -3,7 +3,9 @@
 Importing the module registers the ops in the domain ``ai.onnx.contrib`` (the only one whose Python
 ops ONNX Runtime runs). PyOps have a fixed arity and read only scalar attributes, so:
 
-- GridAnchor_TRT has 6 outputs and FlattenConcat_TRT 6 inputs (the 6 feature maps of both our SSDs);
+- GridAnchor_TRT has 6 outputs and FlattenConcat_TRT 6 inputs (the 6 feature maps of the SSDs that
+  GridAnchor_TRT serves); a FlattenConcat_TRT of another input count (an FPN's 5 feature maps) runs as the
+  same op registered under ``FlattenConcat_TRT_<count>``, the name ``for_onnxruntime`` gives it;
 - list fields (aspectRatios, featureMapShapes, variance, inputOrder) must reach the ops as
   comma-separated strings: ``for_onnxruntime`` rewrites them in a copy of the model, and
   ``inference_session`` does that and registers the library. The ONNX file keeps TensorRT's types.
@@ -52,6 +54,12 @@ def flatten_concat(*inputs: np.ndarray, axis: int, ignoreBatch: int) -> np.ndarr
     return reference.flatten_concat(inputs, axis, ignoreBatch)
 
 
+MAX_INPUTS = 8
+for _count in set(range(1, MAX_INPUTS + 1)) - {NUM_LAYERS}:
+    onnx_op(op_type=f"FlattenConcat_TRT_{_count}", domain=DOMAIN, inputs=[_FLOAT] * _count, outputs=[_FLOAT],
+            attrs={"axis": _INT, "ignoreBatch": _INT})(flatten_concat)
+
+
 @onnx_op(op_type="NMS_TRT", domain=DOMAIN, inputs=[_FLOAT] * 3, outputs=[_FLOAT, PyCustomOpDef.dt_int32],
          attrs={"shareLocation": _INT, "varianceEncodedInTarget": _INT, "backgroundLabelId": _INT,
                 "numClasses": _INT, "topK": _INT, "keepTopK": _INT, "confidenceThreshold": _FLOAT,
@@ -71,9 +79,15 @@ def session_options() -> ort.SessionOptions:
 
 
 def for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose plugin nodes carry their list fields as comma-separated strings."""
+    """A copy of ``model`` whose plugin nodes carry their list fields as comma-separated strings (and whose
+    FlattenConcat_TRT nodes of other than 6 inputs name the op of their arity)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type == "FlattenConcat_TRT" and len(node.input) != NUM_LAYERS:
+            if len(node.input) > MAX_INPUTS:
+                raise ValueError(f"the FlattenConcat_TRT custom op takes at most {MAX_INPUTS} inputs, "
+                                 f"{node.name} has {len(node.input)}")
+            node.op_type = f"FlattenConcat_TRT_{len(node.input)}"
         for attr in node.attribute if node.domain == DOMAIN else ():
             if attr.name in LIST_FIELDS.get(node.op_type, ()) and attr.type in (onnx.AttributeProto.FLOATS,
                                                                                onnx.AttributeProto.INTS):

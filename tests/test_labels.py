@@ -83,6 +83,10 @@ BAD_CONFIG_VALUES = [
     (ANCHOR.format("aspect_ratios: 1.0 aspect_ratios: 0"), "aspect_ratios", "0"),
     ("box_coder { faster_rcnn_box_coder { y_scale: 0 } }", "y_scale", "0"),
     (ANCHOR.format("reduce_boxes_in_lowest_layer: maybe"), "reduce_boxes_in_lowest_layer", "maybe"),
+    # fields whose anchors this converter does not compute: refused rather than converted with wrong anchors
+    (ANCHOR.format("scales: 0.1 scales: 0.3"), "scales", "[0.1, 0.3]"),
+    (ANCHOR.format("base_anchor_height: 0.5"), "base_anchor_height", "0.5"),
+    (ANCHOR.format("height_stride: 16 width_stride: 16"), "height_stride", "16"),
 ]
 
 

@@ -17,7 +17,7 @@ from utils.errors import UserError
 from utils.files import atomic_path, write_text_atomic
 from utils.labels import label_map_for, model_labels
 from utils.models import ResolvedModel
-from utils.spec_reader import read_ssd_spec
+from utils.spec_reader import input_size, read_ssd_spec
 from utils.ssd_spec import NmsOverrides, SsdSpec  # noqa: F401  (NmsOverrides: re-exported)
 
 CONVERTER_VERSION = 2
@@ -69,13 +69,10 @@ def read_spec(model: ResolvedModel) -> tuple[object, object, tf_graph.SsdGraphNo
     """Load, validate and cut the graph; returns (graph_def, core_graph_def, nodes, spec)."""
     graph_def = tf_graph.load_graph_def(model.graph_path)
     nodes = tf_graph.find_ssd_nodes(graph_def, model.graph_path)
-    # Feature-map sizes depend on the input size; read it from config/graph before cutting.
-    probe = tf_graph.extract_core(graph_def, nodes, (300, 300))
-    spec = read_ssd_spec(graph_def, probe, nodes, model.config_path, model.graph_path)
-    if spec.input_size != (300, 300):
-        probe = tf_graph.extract_core(graph_def, nodes, spec.input_size)
-        spec = read_ssd_spec(graph_def, probe, nodes, model.config_path, model.graph_path)
-    return graph_def, probe, nodes, spec
+    # Feature-map sizes depend on the input size (and an FPN only fits together at it): read it before cutting.
+    core = tf_graph.extract_core(graph_def, nodes, input_size(graph_def, nodes, model.config_path, model.graph_path))
+    spec = read_ssd_spec(graph_def, core, nodes, model.config_path, model.graph_path)
+    return graph_def, core, nodes, spec
 
 
 def check_options(flavour: str, precision: str) -> None:
@@ -144,7 +141,7 @@ def convert(model: ResolvedModel, flavour: str = "portable", precision: str = "F
         spec = spec.with_nms(**asdict(nms))
         artifact = Artifact("onnx", onnx_path, spec, flavour, precision, model.name,
                             labels if labels is not None else label_map_for(None, spec.num_classes))
-        extra = onnx_export.predictor_outputs(nodes.box_predictors) if flavour_info(flavour).plugin_ops else []
+        extra = onnx_export.predictor_outputs(nodes.predictor_heads) if flavour_info(flavour).plugin_ops else []
         model_proto = onnx_export.POSTPROCESSING[flavour](onnx_export.convert_core(core, spec, extra), spec, extra)
         model_proto.producer_name = "uff_ssd successor (tf2onnx + onnx-graphsurgeon)"
         set_onnx_metadata(model_proto, artifact)

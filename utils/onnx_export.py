@@ -12,6 +12,7 @@ keepTopK kept. The outputs are those of NMS_TRT:
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -27,13 +28,13 @@ OPSET = 17
 PLUGIN_DOMAIN = "ai.onnx.contrib"   # the only domain ONNX Runtime custom ops (plugin/) can use
 POST_PREFIX = "post_"               # names of the nodes added after the network (kept FP32 in variants)
 BOX_ENCODINGS = "box_encodings"
+log = logging.getLogger(__name__)
 CLASS_LOGITS = "class_logits"
 
 
-def predictor_outputs(box_predictors: tuple[str, ...]) -> list[str]:
+def predictor_outputs(predictor_heads: tuple[tuple[str, str], ...]) -> list[str]:
     """The per-layer box-encoding then class-logit tensors (NHWC) that FlattenConcat_TRT consumes."""
-    return ([f"{ns}/BoxEncodingPredictor/BiasAdd:0" for ns in box_predictors]
-            + [f"{ns}/ClassPredictor/BiasAdd:0" for ns in box_predictors])
+    return [f"{box}:0" for box, _ in predictor_heads] + [f"{logits}:0" for _, logits in predictor_heads]
 
 
 def convert_core(core_graph_def, spec: SsdSpec, extra_outputs: list[str] = ()):
@@ -80,7 +81,7 @@ class _Builder:
 
 def _decode_boxes(build: _Builder, box_encodings, spec: SsdSpec):
     """TF_CENTER decoding of [N, A, 4] encodings against constant anchors -> [N, A, 4] corners."""
-    centers, sizes = anchor_math.to_center_size(anchor_math.grid_anchors(spec.anchors))
+    centers, sizes = anchor_math.to_center_size(anchor_math.anchor_boxes(spec))
     y_scale, x_scale, h_scale, w_scale = spec.box_coder_scales
     encodings = build.op("Reshape", [box_encodings, build.const("box_shape", np.array([0, -1, 4], np.int64))])
     center_codes, size_codes = build.op("Split", [encodings, build.const("split", np.array([2, 2], np.int64))],
@@ -202,19 +203,37 @@ def add_portable_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[
     return _export(graph, [detections, num_detections], spec)
 
 
+def grid_anchor_problem(spec: SsdSpec) -> str | None:
+    """Why GridAnchor_TRT cannot compute this model's anchors, or None when it can."""
+    anchors = spec.anchors
+    if anchors.multiscale:
+        return "GridAnchor_TRT cannot express multiscale anchors (multiscale_anchor_generator, FPN)"
+    if not anchors.reduce_boxes_in_lowest_layer or anchors.interpolated_scale_aspect_ratio != 1.0:
+        return "GridAnchor_TRT always reduces the lowest layer and adds one interpolated box of ratio 1"
+    if any(h != w for h, w in anchors.feature_map_shapes) or spec.input_size[0] != spec.input_size[1]:
+        return (f"GridAnchor_TRT needs a square input and square feature maps, not "
+                f"{spec.input_size[0]}x{spec.input_size[1]} and {anchors.feature_map_shapes}")
+    return None
+
+
 def grid_anchor_fields(spec: SsdSpec) -> dict:
     """GridAnchor_TRT's fields for a spec (square feature maps, TF's reduced lowest layer)."""
+    problem = grid_anchor_problem(spec)
+    if problem:
+        raise UserError(f"{problem}; use --flavour portable")
     anchors = spec.anchors
-    if not anchors.reduce_boxes_in_lowest_layer or anchors.interpolated_scale_aspect_ratio != 1.0:
-        raise UserError("GridAnchor_TRT always reduces the lowest layer and adds one interpolated box of ratio 1; "
-                        "use --flavour portable for this anchor generator")
-    if any(h != w for h, w in anchors.feature_map_shapes):
-        raise UserError(f"GridAnchor_TRT needs square feature maps, not {anchors.feature_map_shapes}; "
-                        "use --flavour portable")
     return {"minSize": float(anchors.min_scale), "maxSize": float(anchors.max_scale),
             "aspectRatios": [float(r) for r in anchors.aspect_ratios],
             "featureMapShapes": [int(h) for h, _ in anchors.feature_map_shapes],
             "variance": [float(v) for v in spec.variances], "numLayers": int(anchors.num_layers)}
+
+
+def constant_priors(spec: SsdSpec) -> np.ndarray:
+    """NMS_TRT's priors input as GridAnchor_TRT + Concat would give it, float32 [2, A*4, 1]: each anchor's
+    (xmin, ymin, xmax, ymax), then the variances."""
+    corners = anchor_math.anchor_boxes(spec)[:, [1, 0, 3, 2]].reshape(-1)
+    variances = np.tile(np.asarray(spec.variances, np.float32), spec.num_anchors)
+    return np.stack([corners, variances]).astype(np.float32)[..., None]
 
 
 def nms_fields(spec: SsdSpec) -> dict:
@@ -241,13 +260,19 @@ def add_trt_plugin_postprocessing(model_proto, spec: SsdSpec, extra_outputs: lis
     build = _Builder(graph)
     layers = spec.anchors.num_layers
     plugin = {"plugin_version": "1", "plugin_namespace": ""}
-    prior_sizes = [h * w * spec.anchors.boxes_per_location(i) * 4
-                   for i, (h, w) in enumerate(spec.anchors.feature_map_shapes)]
-    priors = [gs.Variable(f"GridAnchor_out{i}", np.float32, [2, size, 1]) for i, size in enumerate(prior_sizes)]
-    graph.layer(op="GridAnchor_TRT", name=f"{POST_PREFIX}GridAnchor", domain=PLUGIN_DOMAIN, inputs=[graph.inputs[0]],
-                outputs=priors, attrs={**grid_anchor_fields(spec), **plugin})
-    prior_box = build.op("Concat", priors, {"axis": 1}, name="concat_priorbox",
-                         dtype=np.float32, shape=[2, sum(prior_sizes), 1])
+    problem = grid_anchor_problem(spec)
+    if problem:
+        log.info("%s: the trt-plugins file carries the anchors as constant priors (as the portable flavour does)",
+                 problem)
+        prior_box = build.const("priorbox", constant_priors(spec))
+    else:
+        prior_sizes = [h * w * spec.anchors.boxes_per_location(i) * 4
+                       for i, (h, w) in enumerate(spec.anchors.feature_map_shapes)]
+        priors = [gs.Variable(f"GridAnchor_out{i}", np.float32, [2, size, 1]) for i, size in enumerate(prior_sizes)]
+        graph.layer(op="GridAnchor_TRT", name=f"{POST_PREFIX}GridAnchor", domain=PLUGIN_DOMAIN,
+                    inputs=[graph.inputs[0]], outputs=priors, attrs={**grid_anchor_fields(spec), **plugin})
+        prior_box = build.op("Concat", priors, {"axis": 1}, name="concat_priorbox",
+                             dtype=np.float32, shape=[2, sum(prior_sizes), 1])
     num_anchors, num_classes = spec.num_anchors, spec.num_classes
     loc, conf = (gs.Variable(name, np.float32, ["N", size, 1, 1])
                  for name, size in (("concat_box_loc", num_anchors * 4), ("concat_box_conf", num_anchors * num_classes)))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from utils import pbtxt, tf_graph
 from utils.errors import UserError
-from utils.ssd_spec import AnchorSpec, NmsSpec, SsdSpec, check_value
+from utils.ssd_spec import (MULTISCALE_ASPECT_RATIOS, MULTISCALE_GENERATOR, SSD_GENERATOR, AnchorSpec, NmsSpec,
+                            SsdSpec, check_value)
 
 
 # --- pipeline.config (protobuf text format, read by utils.pbtxt; every value checked where it is read) -------
@@ -55,6 +56,13 @@ def _checked(path: Path, field: str, written, value, check: str | None):
     return value
 
 
+# The resizers and anchor generators of the OD API's ssd.proto that conversion supports; the others are refused.
+# keep_aspect_ratio_resizer gives every image its own input size: a TensorRT engine / ONNX file of one size cannot
+# reproduce it (feature maps and anchors change with each image).
+RESIZERS = ("fixed_shape_resizer",)
+ANCHOR_GENERATORS = {"ssd_anchor_generator": SSD_GENERATOR, "multiscale_anchor_generator": MULTISCALE_GENERATOR}
+KEEP_ASPECT = "keep_aspect_ratio_resizer"
+
 # key -> (message path below ssd, proto field, reader, range check)
 _CONFIG_FIELDS = {
     "num_classes": ((), "num_classes", _integer, "positive"),
@@ -67,6 +75,11 @@ _CONFIG_FIELDS = {
     "interpolated_scale_aspect_ratio": (("anchor_generator", "ssd_anchor_generator"),
                                         "interpolated_scale_aspect_ratio", _real, "non_negative"),
     "num_layers": (("anchor_generator", "ssd_anchor_generator"), "num_layers", _integer, "positive"),
+    "min_level": (("anchor_generator", "multiscale_anchor_generator"), "min_level", _integer, "positive"),
+    "max_level": (("anchor_generator", "multiscale_anchor_generator"), "max_level", _integer, "positive"),
+    "anchor_scale": (("anchor_generator", "multiscale_anchor_generator"), "anchor_scale", _real, "positive"),
+    "scales_per_octave": (("anchor_generator", "multiscale_anchor_generator"), "scales_per_octave", _integer,
+                          "positive"),
     "y_scale": (("box_coder", "faster_rcnn_box_coder"), "y_scale", _real, "positive"),
     "x_scale": (("box_coder", "faster_rcnn_box_coder"), "x_scale", _real, "positive"),
     "height_scale": (("box_coder", "faster_rcnn_box_coder"), "height_scale", _real, "positive"),
@@ -92,12 +105,25 @@ def read_config(path: Path) -> dict:
         if value is not None:
             field = ".".join((*where, name))
             found[key] = _checked(path, field, value, reader(path, field, value), check)
-    anchor = pbtxt.message(ssd, "anchor_generator", "ssd_anchor_generator")
-    field = "anchor_generator.ssd_anchor_generator.aspect_ratios"
+    for key, block, known in (("resizer", "image_resizer", RESIZERS), ("anchor_generator", "anchor_generator",
+                                                                       ANCHOR_GENERATORS)):
+        kinds = [name for name, values in (pbtxt.message(ssd, block) or {}).items()
+                 if any(isinstance(value, dict) for value in values)]
+        if kinds:
+            found[key] = kinds[-1]
+            _refuse_resizer(kinds[-1], path)
+            if kinds[-1] not in known:
+                raise UserError(f"'{path}': {block} {kinds[-1]} is not supported (only {' or '.join(known)}); "
+                                "export the model with one of those")
+    generator = found.get("anchor_generator", "ssd_anchor_generator")
+    anchor = pbtxt.message(ssd, "anchor_generator", generator)
+    field = f"anchor_generator.{generator}.aspect_ratios"
     ratios = tuple(_checked(path, field, value, _real(path, field, value), "positive")
                    for value in pbtxt.values(anchor, "aspect_ratios"))
     if ratios:
         found["aspect_ratios"] = ratios
+    if generator == "ssd_anchor_generator":
+        _refuse_unread_anchor_fields(anchor, path)
     converter = pbtxt.last(pbtxt.message(ssd, "post_processing"), "score_converter")
     if converter is not None:
         found["score_converter"] = str(converter)
@@ -106,6 +132,24 @@ def read_config(path: Path) -> dict:
     if label_map:
         found["label_map_path"] = str(label_map[-1])
     return found
+
+
+# ssd_anchor_generator fields the anchors here do not follow: explicit scales, a base anchor other than 1x1,
+# explicit strides / offsets (the generator's defaults are what utils.anchors computes).
+_UNREAD_ANCHOR_FIELDS = {"scales": None, "base_anchor_height": 1.0, "base_anchor_width": 1.0, "height_stride": None,
+                         "width_stride": None, "height_offset": None, "width_offset": None}
+
+
+def _refuse_unread_anchor_fields(anchor: dict | None, path: Path) -> None:
+    """A one-line UserError for an ssd_anchor_generator field that would give other anchors than the ones
+    computed here (rather than converting with wrong anchors)."""
+    for name, default in _UNREAD_ANCHOR_FIELDS.items():
+        values = pbtxt.values(anchor, name)
+        if values and (default is None or any(float(value) != default for value in values)):
+            field = f"anchor_generator.ssd_anchor_generator.{name}"
+            raise _bad(path, field, values[-1] if len(values) == 1 else list(values),
+                       "is not supported by this converter (only the generator's defaults); remove it or export "
+                       "with the default anchor layout")
 
 
 # --- the graph ------------------------------------------------------------------------------------
@@ -129,9 +173,24 @@ def _graph_values(graph_def) -> dict:
     return found
 
 
+def _refuse_resizer(kind: str, where: Path | str) -> None:
+    if kind == KEEP_ASPECT:
+        raise UserError(f"'{where}' uses keep_aspect_ratio_resizer (a different input size for every image), which "
+                        "cannot be converted to one fixed-size network; export the model with fixed_shape_resizer")
+
+
+def input_size(graph_def, ssd_nodes: tf_graph.SsdGraphNodes, config_path: Path | None,
+               graph_path: Path | str = "graph") -> tuple[int, int]:
+    """The network's fixed (width, height): pipeline.config's fixed_shape_resizer, else the graph's resize
+    constant, else 300 x 300; a keep_aspect_ratio_resizer model is refused in one line."""
+    _refuse_resizer(ssd_nodes.resizer, graph_path)
+    values = {**_graph_values(graph_def), **(read_config(config_path) if config_path else {})}
+    return values.get("width", 300), values.get("height", 300)
+
+
 def _predictor_shapes(core_graph_def, ssd_nodes: tf_graph.SsdGraphNodes) -> list[tuple[list, list]]:
     """[(box-encoding shape, class-logit shape)] of each predictor, NHWC, before the reshapes."""
-    pairs = [(f"{ns}/BoxEncodingPredictor/BiasAdd", f"{ns}/ClassPredictor/BiasAdd") for ns in ssd_nodes.box_predictors]
+    pairs = list(ssd_nodes.predictor_heads)
     names = {node.name for node in core_graph_def.node}
     absent = [name for pair in pairs for name in pair if name not in names]
     if absent:
@@ -141,6 +200,22 @@ def _predictor_shapes(core_graph_def, ssd_nodes: tf_graph.SsdGraphNodes) -> list
     return list(zip(shapes[0::2], shapes[1::2]))
 
 
+def _anchor_spec(values: dict, ssd_nodes: tf_graph.SsdGraphNodes, feature_maps: tuple) -> AnchorSpec:
+    """The anchor generator's parameters: the config's generator (else the graph's), its values, else defaults."""
+    defaults = AnchorSpec()
+    configured = values.get("anchor_generator")
+    generator = ANCHOR_GENERATORS[configured] if configured else ssd_nodes.anchor_generator
+    if generator == MULTISCALE_GENERATOR:
+        return AnchorSpec(generator=generator, aspect_ratios=values.get("aspect_ratios", MULTISCALE_ASPECT_RATIOS),
+                          feature_map_shapes=feature_maps,
+                          **{key: values.get(key, getattr(defaults, key))
+                             for key in ("min_level", "max_level", "anchor_scale", "scales_per_octave")})
+    return AnchorSpec(generator=generator, feature_map_shapes=feature_maps,
+                      **{key: values.get(key, getattr(defaults, key))
+                         for key in ("min_scale", "max_scale", "aspect_ratios", "reduce_boxes_in_lowest_layer",
+                                     "interpolated_scale_aspect_ratio")})
+
+
 def read_ssd_spec(graph_def, core_graph_def, ssd_nodes: tf_graph.SsdGraphNodes,
                   config_path: Path | None, graph_path: Path | str = "graph") -> SsdSpec:
     """Build the SsdSpec of a graph (see the module docstring for where each value comes from)."""
@@ -148,6 +223,7 @@ def read_ssd_spec(graph_def, core_graph_def, ssd_nodes: tf_graph.SsdGraphNodes,
     config = read_config(config_path) if config_path else {}
     config.pop("label_map_path", None)
     values.update(config)
+    _refuse_resizer(ssd_nodes.resizer, graph_path)
     if values.get("score_converter", "SIGMOID") != "SIGMOID":
         raise UserError(f"score converter {values['score_converter']} is not supported (only SIGMOID, "
                         "as GridAnchor/NMS_TRT's confSigmoid); export the model with score_converter: SIGMOID")
@@ -169,21 +245,14 @@ def read_ssd_spec(graph_def, core_graph_def, ssd_nodes: tf_graph.SsdGraphNodes,
         raise UserError(f"'{config_path}' says num_classes {config['num_classes']} but the graph predicts "
                         f"{num_classes - 1} classes plus background; give the config of this graph")
 
-    anchor_defaults = AnchorSpec()
-    anchors = AnchorSpec(
-        min_scale=values.get("min_scale", anchor_defaults.min_scale),
-        max_scale=values.get("max_scale", anchor_defaults.max_scale),
-        aspect_ratios=values.get("aspect_ratios", anchor_defaults.aspect_ratios),
-        reduce_boxes_in_lowest_layer=values.get("reduce_boxes_in_lowest_layer",
-                                                anchor_defaults.reduce_boxes_in_lowest_layer),
-        interpolated_scale_aspect_ratio=values.get("interpolated_scale_aspect_ratio",
-                                                   anchor_defaults.interpolated_scale_aspect_ratio),
-        feature_map_shapes=tuple(feature_maps),
-    )
+    anchors = _anchor_spec(values, ssd_nodes, tuple(feature_maps))
     expected = [anchors.boxes_per_location(i) for i in range(anchors.num_layers)]
-    if expected != boxes_per_layer or values.get("num_layers", anchors.num_layers) != anchors.num_layers:
-        raise UserError(f"'{graph_path}': the anchor generator gives {expected} boxes per location but the "
-                        f"graph's predictors have {boxes_per_layer}; put the model's pipeline.config beside it")
+    layers = (anchors.max_level - anchors.min_level + 1 if anchors.multiscale
+              else values.get("num_layers", anchors.num_layers))
+    if expected != boxes_per_layer or layers != anchors.num_layers:
+        raise UserError(f"'{graph_path}': the anchor generator gives {expected} boxes per location on {layers} "
+                        f"feature maps but the graph's predictors have {boxes_per_layer}; put the model's "
+                        "pipeline.config beside it")
 
     nms_defaults = NmsSpec()
     return SsdSpec(

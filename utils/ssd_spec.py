@@ -29,9 +29,15 @@ def check_value(check: str, value) -> str | None:
         return wording
 
 
+SSD_GENERATOR = "ssd"                # TF's ssd_anchor_generator (MultipleGridAnchorGenerator)
+MULTISCALE_GENERATOR = "multiscale"  # TF's multiscale_anchor_generator (MultiscaleGridAnchorGenerator, FPN / RetinaNet)
+MULTISCALE_ASPECT_RATIOS = (1.0, 2.0, 0.5)
+
+
 @dataclass(frozen=True)
 class AnchorSpec:
-    """Parameters of TF's ssd_anchor_generator (= GridAnchor_TRT's fields)."""
+    """Parameters of TF's anchor generator: ssd_anchor_generator (= GridAnchor_TRT's fields) or
+    multiscale_anchor_generator (levels, anchor scale, scales per octave; aspect_ratios shared)."""
 
     min_scale: float = 0.2
     max_scale: float = 0.95
@@ -39,13 +45,25 @@ class AnchorSpec:
     reduce_boxes_in_lowest_layer: bool = True
     interpolated_scale_aspect_ratio: float = 1.0
     feature_map_shapes: tuple[tuple[int, int], ...] = ()   # (height, width) per layer
+    generator: str = SSD_GENERATOR
+    min_level: int = 3            # multiscale: the first feature map's stride is 2 ** min_level
+    max_level: int = 7
+    anchor_scale: float = 4.0
+    scales_per_octave: int = 2
 
     @property
     def num_layers(self) -> int:
         return len(self.feature_map_shapes)
 
+    @property
+    def multiscale(self) -> bool:
+        return self.generator == MULTISCALE_GENERATOR
+
     def boxes_per_location(self, layer: int) -> int:
-        """Anchors per feature-map cell in one layer, as TF's create_ssd_anchors lays them out."""
+        """Anchors per feature-map cell in one layer, as TF's create_ssd_anchors (or the multiscale generator)
+        lays them out."""
+        if self.multiscale:
+            return len(self.aspect_ratios) * self.scales_per_octave
         if layer == 0 and self.reduce_boxes_in_lowest_layer:
             return 3
         return len(self.aspect_ratios) + (1 if self.interpolated_scale_aspect_ratio > 0 else 0)
@@ -118,7 +136,7 @@ class SsdSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SsdSpec":
-        """The inverse of ``to_dict``."""
+        """The inverse of ``to_dict`` (files written before the multiscale fields existed read as ssd anchors)."""
         anchors = data["anchors"]
         anchors = AnchorSpec(**{**anchors, "aspect_ratios": tuple(anchors["aspect_ratios"]),
                                 "feature_map_shapes": tuple(tuple(s) for s in anchors["feature_map_shapes"])})

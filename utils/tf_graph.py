@@ -78,7 +78,27 @@ class SsdGraphNodes:
     box_concat: str            # [N, A, 1, 4] box encodings
     class_concat: str          # [N, A, C] class logits
     anchor_concat: str         # [A, 4] anchors (ymin, xmin, ymax, xmax), constant
-    box_predictors: tuple[str, ...]  # BoxPredictor_i namespaces, in anchor order
+    predictor_heads: tuple[tuple[str, str], ...]  # (box-encoding, class-logit) conv outputs (NHWC) per feature map
+    anchor_generator: str = "ssd"   # "multiscale" when the graph has a MultiscaleGridAnchorGenerator
+    resizer: str = "fixed_shape_resizer"   # "keep_aspect_ratio_resizer" when the Preprocessor resizes to a range
+
+
+# The box predictors' namespaces and their heads' output nodes, in anchor order:
+# convolutional_box_predictor: BoxPredictor_0, BoxPredictor_1, ... each with its own weights;
+# weight_shared_convolutional_box_predictor: WeightSharedConvolutionalBoxPredictor, ..._1, ... (one set of weights).
+PREDICTOR_FAMILIES = (("BoxPredictor_", "BoxEncodingPredictor/BiasAdd", "ClassPredictor/BiasAdd"),
+                      ("WeightSharedConvolutionalBoxPredictor", "BoxPredictor/BiasAdd", "ClassPredictor/BiasAdd"))
+
+
+def _predictor_heads(names) -> tuple[tuple[str, str], ...]:
+    """(box, class) head outputs of the first predictor family the graph has, in anchor order."""
+    for prefix, box_head, class_head in PREDICTOR_FAMILIES:
+        spaces = {name.split("/")[0] for name in names if name.split("/")[0].startswith(prefix)}
+        indices = {space: space[len(prefix):].lstrip("_") or "0" for space in spaces}
+        ordered = sorted((space for space in spaces if indices[space].isdigit()), key=lambda s: int(indices[s]))
+        if ordered:
+            return tuple((f"{space}/{box_head}", f"{space}/{class_head}") for space in ordered)
+    return ()
 
 
 def load_graph_def(path: Path):
@@ -120,15 +140,17 @@ def find_ssd_nodes(graph_def, path: Path | str = "graph") -> SsdGraphNodes:
                      if name.endswith(ANCHOR_CONCAT_SUFFIX) and not name.startswith("Postprocessor/"))
     if not anchors:
         missing.append(f"the anchor generator's '{ANCHOR_CONCAT_SUFFIX}'")
-    predictors = tuple(sorted({name.split("/")[0] for name in nodes if name.startswith("BoxPredictor_")},
-                              key=lambda ns: int(ns.split("_")[1]) if ns.split("_")[1].isdigit() else 0))
-    if not predictors:
-        missing.append("BoxPredictor_* layers")
+    heads = _predictor_heads(nodes)
+    if not heads:
+        missing.append("BoxPredictor_* or WeightSharedConvolutionalBoxPredictor layers")
     if missing:
         raise UserError(f"'{path}' is not a TF Object Detection API SSD graph: missing {', '.join(missing)}")
+    multiscale = any(name.startswith("MultiscaleGridAnchorGenerator/") for name in nodes)
+    to_range = any(name.startswith("Preprocessor/") and "ResizeToRange" in name for name in nodes)
     return SsdGraphNodes(preprocessed=preprocessed[0], image_input="image_tensor", float_input=casts[0],
-                         box_concat=BOX_CONCAT,
-                         class_concat=CLASS_CONCAT, anchor_concat=anchors[0], box_predictors=predictors)
+                         box_concat=BOX_CONCAT, class_concat=CLASS_CONCAT, anchor_concat=anchors[0],
+                         predictor_heads=heads, anchor_generator="multiscale" if multiscale else "ssd",
+                         resizer="keep_aspect_ratio_resizer" if to_range else "fixed_shape_resizer")
 
 
 def extract_core(graph_def, ssd_nodes: SsdGraphNodes, input_size: tuple[int, int]):
