@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         from utils.trt import TrtModule, compute_capability_name, gpu_count, import_trt  # noqa: PLC0415
 
         cli.check_workspace(args.workspace)
+        if args.precision == "BF16":
+            raise UserError("-p BF16 runs on the openvino backend (an FP32 ONNX with OpenVINO's bf16 hint); TensorRT "
+                            "engines are built FP32, FP16 or INT8")
         if args.engine is not None:
             check_writable_file(args.engine, "--engine")
         onnx = read_onnx(args.onnx)

@@ -39,8 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of images")
     cli.add_source_args(parser)
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                        help="auto (default) = tensorrt with a GPU and TensorRT, else onnxruntime, else tensorflow; "
-                             "an engine always runs on tensorrt")
+                        help="auto (default) = tensorrt with a GPU and TensorRT, else onnxruntime with CUDA, else "
+                             "openvino (BF16 on a CPU with BF16 arithmetic), else onnxruntime, else tensorflow; an "
+                             "engine always runs on tensorrt")
     cli.add_run_args(parser, batch_size=1)
     parser.add_argument("-t", "--threshold", type=float, default=0.5,
                         help="confidence to show a detection (default 0.5)")

@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_precision_arg(parser, "FP32 (default), FP16 (network in half precision, edges and post-processing FP32) "
                                   "or INT8 (Q/DQ, calibrated on --calib-dir)", default="FP32")
     parser.add_argument("-f", "--force", action="store_true", help="convert even if a cached ONNX matches")
-    parser.add_argument("--calib-dir", type=Path, help="INT8 calibration JPEGs (default: $VOC_DIR/JPEGImages, "
-                        "else images/)")
+    parser.add_argument("--calib-dir", type=Path, help="INT8 calibration images, JPEG or PNG (default: images/; "
+                        "never the evaluated set)")
     cli.add_labels_arg(parser)
     cli.add_nms_args(parser)
     return parser.parse_args(argv)

@@ -170,7 +170,10 @@ def test_the_plan_is_picklable_and_resolves_once(deployed):
     from utils.plan import Plan
 
     plan = Plan.resolve(onnx=deployed, batch_size=4)
-    assert plan.backend == "onnxruntime" and plan.flavour == "core"      # auto: no GPU, no TensorRT here
+    from utils.runtime import installed
+
+    # auto without a GPU or TensorRT: OpenVINO where installed (requirements.txt), else ONNX Runtime's CPU build
+    assert plan.backend == ("openvino" if installed("openvino") else "onnxruntime") and plan.flavour == "core"
     assert pickle.loads(pickle.dumps(plan)) == plan
     artifact = plan.prepare()
     copy = pickle.loads(pickle.dumps(plan))        # what a Ray actor gets: the same key for the same file

@@ -1,4 +1,7 @@
-"""FP16 and INT8 (Q/DQ) variants: structure, and what they cost in accuracy (ONNX Runtime, CPU)."""
+"""FP16 and INT8 variants: structure, and what they cost in accuracy (ONNX Runtime, CPU).
+
+INT8 comes in TensorRT's Q/DQ form (utils.converter) and ONNX Runtime's QOperator form (utils.quantize.int8_variant,
+what ``--backend onnxruntime -p INT8`` runs); OpenVINO's NNCF form is tested in test_openvino.py."""
 
 import numpy as np
 import onnx
@@ -55,3 +58,35 @@ def test_int8_of_the_plugin_flavour_is_refused_in_one_line(pedestrian_model, tmp
                 calibration_images=sorted(IMAGES_DIR.glob("*.jpg")))
     assert "\n" not in str(error.value)
     assert not list(tmp_path.glob("x*"))
+
+
+@pytest.mark.slow
+def test_onnxruntime_int8_is_qoperator_with_float_heads_and_keeps_the_person(pedestrian_model):
+    """The onnxruntime backend's INT8: QLinearConv (integer kernels on the CPU), the heads' last convolutions FP32,
+    cached beside the FP32 file under its own name; the person of person.jpg still found where FP32 finds it."""
+    with open_model(pedestrian_model, precision="INT8", batch_size=4, calib_dir=IMAGES_DIR) as runner:
+        assert runner.artifact.quantization == "onnxruntime-qoperator"
+        assert runner.artifact.path.name.endswith("_INT8-onnxruntime-qoperator.onnx")
+        graph = onnx.load(str(runner.artifact.path)).graph
+        ours, counts = runner.detect(np.stack([preprocess(load_image(path)) for path in PHOTOS]))
+    ops = {node.op_type for node in graph.node}
+    assert "QLinearConv" in ops and "DequantizeLinear" in ops
+    heads = [node for node in graph.node if node.name.endswith("ClassPredictor/BiasAdd")]
+    assert heads and all(node.op_type == "Conv" for node in heads)
+    fp32, fp32_counts = _detect(pedestrian_model, "FP32")
+    reference, found = valid_rows(fp32[0], fp32_counts[0], 0.5), valid_rows(ours[0], counts[0], 0.4)
+    assert len(reference) >= 1 and len(found) >= 1 and found[0, 1] == reference[0, 1] == 1
+    np.testing.assert_allclose(found[0, 3:], reference[0, 3:], atol=0.03)
+
+
+def test_calibration_never_defaults_to_the_evaluation_set(monkeypatch, tmp_path):
+    from utils.quantize import REPO_IMAGES, calibration_images
+
+    voc = tmp_path / "VOC2007"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "JPEGImages" / "000001.jpg").write_bytes((IMAGES_DIR / "dog.jpg").read_bytes())
+    monkeypatch.setenv("VOC_DIR", str(voc))
+    assert all(path.parent == REPO_IMAGES for path in calibration_images())
+    with pytest.raises(UserError, match="calibration images") as error:
+        calibration_images(tmp_path / "empty")
+    assert "\n" not in str(error.value)

@@ -20,7 +20,9 @@ from pathlib import Path
 from utils.errors import UserError
 from utils.ssd_spec import SsdSpec
 
-PRECISIONS = ("FP32", "FP16", "INT8")
+PRECISIONS = ("FP32", "FP16", "INT8")          # what a converted file holds
+RUN_PRECISIONS = (*PRECISIONS, "BF16")         # what -p takes: BF16 is a runtime's precision on an FP32 file
+                                               # (OpenVINO's inference precision hint), never a file's
 METADATA_KEY = "ssd_detector"
 METADATA_FORMAT = 1
 
@@ -68,6 +70,7 @@ class Artifact:
     labels: dict[int, str] = field(default_factory=dict, hash=False)
     trt_module: str | None = None  # engines: "tensorrt 10.x" / "tensorrt_rtx 1.7.1..."
     max_batch_size: int | None = None  # engines: the optimisation profile's largest batch
+    quantization: str | None = None    # INT8 files: utils.quantize.INT8_FORMS (None: the TensorRT Q/DQ form)
 
     def metadata(self) -> dict:
         """The JSON stored in the ONNX metadata / engine sidecar."""
@@ -76,6 +79,8 @@ class Artifact:
                 "labels": {str(k): v for k, v in sorted(self.labels.items())}}
         if self.kind == "engine":
             data.update(trt_module=self.trt_module, max_batch_size=self.max_batch_size)
+        if self.quantization:
+            data["quantization"] = self.quantization
         return data
 
     def identity(self) -> dict:
@@ -113,8 +118,11 @@ def from_metadata(kind: str, path: Path, data: object, where: str) -> Artifact:
             raise ValueError(f"flavour {flavour!r} / precision {precision!r}")
         labels = {int(k): str(v) for k, v in dict(data.get("labels") or {}).items()}
         batch = data.get("max_batch_size")
+        quantization = data.get("quantization")
+        if quantization is not None and not isinstance(quantization, str):
+            raise ValueError(f"quantization {quantization!r}")
         return Artifact(kind, Path(path), SsdSpec.from_dict(data["spec"]), flavour, precision, str(data["model"]),
-                        labels, data.get("trt_module"), int(batch) if batch is not None else None)
+                        labels, data.get("trt_module"), int(batch) if batch is not None else None, quantization)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{where} of '{path}' is not a valid SSD description ({type(exc).__name__}: {exc}); "
                         f"convert the graph again with model.py") from None

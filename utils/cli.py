@@ -13,7 +13,7 @@ from typing import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
 
-from utils.artifact import FLAVOURS, PRECISIONS  # noqa: E402
+from utils.artifact import FLAVOURS, RUN_PRECISIONS  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.models import DEFAULT_MODEL, registry_names  # noqa: E402
 from utils.ssd_spec import NmsOverrides  # noqa: E402
@@ -58,9 +58,13 @@ def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """The options both detect_objects.py and voc_evaluation.py take, with the same names and meanings."""
     parser.add_argument("-b", "--batch-size", type=_at_least_one, default=batch_size,
                         help=f"images per inference batch, and the engine's maximum batch (default {batch_size})")
-    add_precision_arg(parser, "inference precision (default: FP32, or the given file's)", default=None)
+    add_precision_arg(parser, "inference precision (default: FP32, on openvino BF16 where the CPU has it; or the "
+                              "given file's)", default=None)
     add_flavour_arg(parser)
     add_decode_arg(parser)
+    parser.add_argument("--calib-dir", type=Path, default=None,
+                        help="-p INT8: calibration images (JPEG, PNG), not ones you evaluate (default: the project's "
+                             "images/)")
     group = parser.add_argument_group("runtime options")
     group.add_argument("--cuda-graph", action="store_true",
                        help="ONNX Runtime on CUDA: capture a CUDA graph (batches padded to -b)")
@@ -70,7 +74,8 @@ def add_run_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def add_precision_arg(parser: argparse.ArgumentParser, help_text: str, default: str | None) -> None:
-    parser.add_argument("-p", "--precision", choices=PRECISIONS, default=default, help=help_text)
+    parser.add_argument("-p", "--precision", choices=RUN_PRECISIONS, default=default,
+                        help=help_text + "; BF16: the openvino backend on an FP32 file (a CPU with BF16 arithmetic)")
 
 
 def add_flavour_arg(parser: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -78,7 +83,8 @@ def add_flavour_arg(parser: argparse.ArgumentParser, default: str = "auto") -> N
     parser.add_argument("--flavour", choices=choices, default=default,
                         help="ONNX flavour: portable (standard ONNX ops), trt-plugins (GridAnchor/FlattenConcat/NMS_TRT; "
                              "onnxruntime runs plugin/'s reference ops), core (no NMS inside; batched NMS after it)"
-                             + (", auto (portable for onnxruntime; for tensorrt trt-plugins up to TRT 10, portable for "
+                             + (", auto (portable for onnxruntime and openvino; for tensorrt trt-plugins up to TRT 10, "
+                                "portable for "
                                 "11, core for TensorRT-RTX; a file's own flavour)" if default == "auto" else "")
                              + " (default: %(default)s)")
 
@@ -114,7 +120,8 @@ def add_evaluation_args(parser: argparse.ArgumentParser, measure: str) -> None:
 
     parser.add_argument("backend", nargs="?", choices=("auto", *BACKENDS), default="auto",
                         help="the backend to evaluate (default auto: tensorrt with a GPU and TensorRT, else "
-                             "onnxruntime, else tensorflow; an engine always runs on tensorrt)")
+                             "onnxruntime with CUDA, else openvino, else onnxruntime, else tensorflow; an engine "
+                             "always runs on tensorrt)")
     add_source_args(parser)
     add_run_args(parser, batch_size=64)
     parser.add_argument("-j", "--workers", type=int, default=None,

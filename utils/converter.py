@@ -79,6 +79,9 @@ def check_options(flavour: str, precision: str) -> None:
     """Refuse a flavour or precision this release cannot build (before anything is downloaded)."""
     if flavour not in FLAVOURS:
         raise UserError(f"unknown flavour '{flavour}'; choose one of {', '.join(FLAVOURS)}")
+    if precision == "BF16":
+        raise UserError("BF16 is a runtime precision, not a file's: convert FP32 and run it with --backend openvino "
+                        "-p BF16")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision}; use -p {' or '.join(PRECISIONS)}")
 

@@ -36,8 +36,8 @@ PREFETCH_BYTES = 256 << 20     # decoded data held ahead of the batch in use (te
 KEEP_PIXELS = 4096 * 4096      # larger originals are not kept for drawing (LoadedImage.image is None)
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 DECODE_NAMES = {"cpu": "CPU (Pillow, TF's resize in numpy)",
-                "gpu": "GPU (nvJPEG: hardware engines via nvImageCodec if installed, else CUDA via torchvision; "
-                       "TF's resize on the GPU)"}
+                "gpu": "GPU (NVIDIA DALI when installed, else nvJPEG via nvImageCodec / torchvision; TF's resize "
+                       "on the GPU)"}
 
 
 @dataclass
@@ -184,7 +184,7 @@ def resolve_decode(choice: str, takes_cuda: bool, backend: str) -> str:
         raise UserError(f"unknown --decode '{choice}'; choose one of {', '.join(DECODE_CHOICES)}")
     if not takes_cuda:
         raise UserError(f"--decode gpu needs a backend that runs on CUDA and takes GPU input (onnxruntime with "
-                        f"its CUDA provider); {backend} does not here; use --decode cpu")
+                        f"its CUDA provider, or tensorrt); {backend} does not here; use --decode cpu")
     if not gpu_decoder_installed():
         raise UserError("--decode gpu needs torch and torchvision built with CUDA (nvJPEG) and a GPU; "
                         "install them or use --decode cpu")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-from utils.artifact import FLAVOURS, PRECISIONS, Artifact, flavour_info, read_artifact
+from utils.artifact import FLAVOURS, RUN_PRECISIONS, Artifact, flavour_info, read_artifact
 from utils.errors import UserError
 from utils.runtime import BACKENDS, RuntimeOptions, installed, open_runner
 from utils.ssd_spec import NmsOverrides
@@ -34,9 +34,9 @@ class Plan:
     source: str                  # "model" | "onnx" | "engine"
     location: str | None         # the model (registry name, folder, .pb; None = the default) or the file
     workspace: Path
-    backend: str                 # tensorrt | onnxruntime | tensorflow
+    backend: str                 # tensorrt | onnxruntime | openvino | tensorflow
     flavour: str | None          # the ONNX flavour that runs (None: the frozen graph)
-    precision: str
+    precision: str               # FP32 | FP16 | INT8 | BF16 (openvino: FP32 file, bf16 inference precision hint)
     batch_size: int
     decode: str                  # cpu | gpu
     nms: NmsOverrides = field(default_factory=NmsOverrides)
@@ -64,6 +64,9 @@ class Plan:
             raise UserError(f"NMS option {nms.problem()}")
 
         backend = _backend(backend, source)
+        if backend == "tensorrt" and artifact is not None and artifact.quantization not in (None, "tensorrt-qdq"):
+            raise UserError(f"{artifact.path} is INT8 in the {artifact.quantization} form, which TensorRT does not "
+                            f"read; give the FP32 file, or convert with model.py -p INT8 (TensorRT's Q/DQ form)")
         module = _trt_module(backend, trt_module, artifact, compute_capability)
         flavour = _flavour(flavour, backend, module, artifact)
         precision = _precision(precision, backend, module, artifact)
@@ -111,12 +114,16 @@ class Plan:
             from utils.converter import convert  # noqa: PLC0415
 
             calibration = None
-            if self.onnx_precision == "INT8":
+            if self.onnx_precision == "INT8" or self.cpu_int8:
                 from utils.quantize import calibration_images  # noqa: PLC0415
 
                 calibration = calibration_images(self.calib_dir)
             onnx = convert(model, self.flavour, self.onnx_precision, self.nms,
                            calibration_images=calibration, labels=self.label_map).artifact
+            if self.cpu_int8:
+                from utils.quantize import INT8_FORM_OF, int8_variant  # noqa: PLC0415
+
+                return int8_variant(onnx, INT8_FORM_OF[self.backend], calibration)
         if self.backend != "tensorrt":
             return onnx
         return self._build(onnx)
@@ -134,8 +141,17 @@ class Plan:
         return build_from_onnx(trt, onnx, settings, path, self.calib_dir, self.workspace / "engines" / "timing.cache")
 
     @property
+    def cpu_int8(self) -> bool:
+        """INT8 on onnxruntime / openvino: the FP32 graph converted, then quantised in that runtime's form
+        (utils.quantize.int8_variant); the converter's INT8 is TensorRT's Q/DQ form."""
+        return self.precision == "INT8" and self.backend in ("onnxruntime", "openvino")
+
+    @property
     def onnx_precision(self) -> str:
-        """The precision of the ONNX to convert: TensorRT 10 builds FP16 / INT8 from the FP32 graph."""
+        """The precision of the ONNX to convert: TensorRT 10 builds FP16 / INT8 from the FP32 graph, OpenVINO runs
+        BF16 from it, and the CPU runtimes' INT8 is quantised from it (``cpu_int8``)."""
+        if self.precision == "BF16" or self.cpu_int8:
+            return "FP32"
         if self.backend == "tensorrt":
             from utils.trt import TrtModule, import_trt  # noqa: PLC0415
 
@@ -150,6 +166,8 @@ class Plan:
             artifact = replace(artifact, spec=artifact.spec.with_nms(**asdict(self.nms)))
         if self.labels is not None and artifact.labels != self.label_map:
             artifact = replace(artifact, labels=self.label_map)
+        if {self.precision, artifact.precision} == {"FP32", "BF16"}:
+            artifact = replace(artifact, precision=self.precision)   # BF16: the FP32 file run with the bf16 hint
         return artifact
 
     @property
@@ -159,14 +177,14 @@ class Plan:
 
     def open(self, artifact: Artifact):
         """The runner of ``artifact`` (utils.runtime): use it as a context manager."""
-        return open_runner(self.runnable(artifact), self.batch_size, self.options)
+        return open_runner(self.runnable(artifact), self.batch_size, self.options, self.backend)
 
     def key(self, artifact: Artifact) -> dict:
         """What results of this plan on ``artifact`` depend on: the file's content, the backend, flavour,
         precision and TensorRT module really used, the effective NMS, the decode path and runtime options."""
         runnable = self.runnable(artifact)
         return {"artifact": artifact.identity(), "backend": self.backend, "flavour": artifact.flavour,
-                "precision": artifact.precision,
+                "precision": runnable.precision, "quantization": artifact.quantization,
                 "trt_module": artifact.trt_module or (self.options.trt_module if self.backend == "tensorrt" else None),
                 "nms": asdict(runnable.spec.nms), "decode": self.decode, "options": asdict(self.options),
                 "labels": {str(k): v for k, v in sorted(runnable.labels.items())}}
@@ -185,7 +203,15 @@ def _backend(choice: str, source: str) -> str:
         raise UserError("the tensorflow backend runs the frozen graph; give -m MODEL instead of a converted file")
     if choice != "auto":
         return choice
-    candidates = ["tensorrt", "onnxruntime"] + (["tensorflow"] if source == "model" else [])
+    if installed("tensorrt"):
+        return "tensorrt"
+    if installed("onnxruntime"):
+        from utils.runtime.onnxruntime import cuda_available  # noqa: PLC0415
+
+        if cuda_available():
+            return "onnxruntime"
+    # No GPU: OpenVINO measured fastest on the CPU at the same accuracy (benchmarks/bench_eval.py)
+    candidates = ["openvino", "onnxruntime"] + (["tensorflow"] if source == "model" else [])
     for candidate in candidates:
         if installed(candidate):
             return candidate
@@ -227,31 +253,70 @@ def _flavour(choice: str | None, backend: str, module, artifact: Artifact | None
         return artifact.flavour
     if backend == "tensorflow":
         return None
-    return choice or ("portable" if backend == "onnxruntime" else module.default_flavour)
+    if choice == "trt-plugins" and backend == "openvino":
+        raise UserError("the openvino backend cannot run the trt-plugins flavour's TensorRT plugin nodes; use "
+                        "--flavour core or portable")
+    return choice or {"onnxruntime": "portable", "openvino": "portable"}.get(backend) or module.default_flavour
+
+
+# What -p takes on each backend (a converted file runs its own precision; BF16 needs an FP32 file).
+BACKEND_PRECISIONS = {"tensorrt": ("FP32", "FP16", "INT8"), "onnxruntime": ("FP32", "FP16", "INT8"),
+                      "openvino": ("FP32", "BF16", "INT8"), "tensorflow": ("FP32",)}
 
 
 def _precision(choice: str | None, backend: str, module, artifact: Artifact | None) -> str:
-    if choice is not None and choice not in PRECISIONS:
-        raise UserError(f"unknown precision {choice}; choose one of {', '.join(PRECISIONS)}")
+    if choice is not None and choice not in RUN_PRECISIONS:
+        raise UserError(f"unknown precision {choice}; choose one of {', '.join(RUN_PRECISIONS)}")
+    if choice is not None and choice not in BACKEND_PRECISIONS[backend]:
+        what = "the frozen graph " if backend == "tensorflow" else ""
+        bf16 = "; BF16 runs on the openvino backend (--backend openvino)" if choice == "BF16" else ""
+        raise UserError(f"the {backend} backend runs {what}{' / '.join(BACKEND_PRECISIONS[backend])}, not {choice}; "
+                        f"use -p {BACKEND_PRECISIONS[backend][0]}{bf16}")
+    if backend == "openvino":
+        return _openvino_precision(choice, artifact)
     if artifact is None:
-        precision = choice or "FP32"
-        if backend == "tensorflow" and precision != "FP32":
-            raise UserError(f"the tensorflow backend runs the frozen graph in FP32 only, not {precision}; use -p FP32")
-        return precision
+        return choice or "FP32"
     fixed = artifact.kind == "engine" or backend == "onnxruntime" or module.strongly_typed
     if choice and choice != artifact.precision and fixed:
         raise UserError(f"{artifact.path} is {artifact.precision}; drop -p or convert again with model.py -p {choice}")
     return choice or artifact.precision
 
 
+def _openvino_precision(choice: str | None, artifact: Artifact | None) -> str:
+    """-p on openvino: a file runs its own precision (BF16 also from an FP32 file); without -p a model or an FP32
+    file runs BF16 where the CPU has BF16 arithmetic (faster, detections within the accuracy bounds:
+    benchmarks/bench_eval.py), else FP32."""
+    if artifact is not None and artifact.precision not in BACKEND_PRECISIONS["openvino"]:
+        raise UserError(f"{artifact.path} is {artifact.precision}; the openvino backend runs FP32 or INT8 files "
+                        f"(convert with model.py -p FP32)")
+    if artifact is not None and choice and choice != artifact.precision and not (
+            choice == "BF16" and artifact.precision == "FP32"):
+        raise UserError(f"{artifact.path} is {artifact.precision}; drop -p or convert again with model.py -p FP32")
+    if choice:
+        from utils.runtime.openvino import supports_bf16  # noqa: PLC0415
+
+        if choice == "BF16" and not supports_bf16():
+            raise UserError("-p BF16 needs a CPU with BF16 arithmetic (AVX512-BF16 or AMX), which this one lacks; "
+                            "use -p FP32 or INT8")
+        return choice
+    if artifact is not None and artifact.precision != "FP32":
+        return artifact.precision
+    from utils.runtime.openvino import supports_bf16  # noqa: PLC0415
+
+    return "BF16" if supports_bf16() else "FP32"
+
+
 def _decode(choice: str, backend: str) -> str:
     from utils.pipeline import resolve_decode  # noqa: PLC0415
 
     takes_cuda = False
-    if backend == "onnxruntime" and choice != "cpu":
-        from utils.runtime.onnxruntime import cuda_available  # noqa: PLC0415
+    if choice != "cpu":
+        if backend == "onnxruntime":
+            from utils.runtime.onnxruntime import cuda_available  # noqa: PLC0415
 
-        takes_cuda = cuda_available()
+            takes_cuda = cuda_available()
+        elif backend == "tensorrt":
+            takes_cuda = True          # TensorRT runs on CUDA and takes device input (set_tensor_address)
     return resolve_decode(choice, takes_cuda, backend)
 
 

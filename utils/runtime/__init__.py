@@ -12,13 +12,14 @@ from utils.runtime.base import Runner, RuntimeOptions, valid_rows
 
 __all__ = ["BACKENDS", "Runner", "RuntimeOptions", "backend_of", "installed", "open_runner", "valid_rows"]
 
-BACKENDS = ("tensorrt", "onnxruntime", "tensorflow")
-KIND_OF = {"tensorrt": "engine", "onnxruntime": "onnx", "tensorflow": "frozen"}
+BACKENDS = ("tensorrt", "onnxruntime", "openvino", "tensorflow")
+KIND_OF = {"tensorrt": "engine", "onnxruntime": "onnx", "openvino": "onnx", "tensorflow": "frozen"}
 _RUNNERS = {"tensorrt": ("utils.runtime.tensorrt", "TensorRTRunner"),
             "onnxruntime": ("utils.runtime.onnxruntime", "OnnxRuntimeRunner"),
+            "openvino": ("utils.runtime.openvino", "OpenVinoRunner"),
             "tensorflow": ("utils.runtime.tensorflow", "TensorFlowRunner")}
 _INSTALL = {"tensorrt": "pip install -r requirements-trt.txt", "onnxruntime": "pip install -r requirements.txt",
-            "tensorflow": "pip install -r requirements.txt"}
+            "openvino": "pip install -r requirements.txt", "tensorflow": "pip install -r requirements.txt"}
 
 
 def tensorrt_usable(module: str | None = None) -> bool:
@@ -39,13 +40,17 @@ def installed(backend: str) -> bool:
 
 
 def backend_of(kind: str) -> str:
-    """The backend that runs a file of ``kind``."""
+    """The default backend of a file of ``kind`` (an ONNX: onnxruntime; openvino runs it too)."""
     return next(name for name, of in KIND_OF.items() if of == kind)
 
 
-def open_runner(artifact: Artifact, max_batch_size: int, options: RuntimeOptions = RuntimeOptions()) -> Runner:
-    """The runner of ``artifact``'s kind, ready to detect; use it as a context manager."""
-    backend = backend_of(artifact.kind)
+def open_runner(artifact: Artifact, max_batch_size: int, options: RuntimeOptions = RuntimeOptions(),
+                backend: str | None = None) -> Runner:
+    """The runner of ``backend`` (default: that of ``artifact``'s kind), ready to detect; use it as a context
+    manager."""
+    backend = backend or backend_of(artifact.kind)
+    if KIND_OF[backend] != artifact.kind:
+        raise UserError(f"the {backend} backend does not run a file of kind {artifact.kind} ({artifact.path})")
     module_name, class_name = _RUNNERS[backend]
     try:
         module = importlib.import_module(module_name)
