@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
-"""Images/s of the single-process path and of the Ray path (utils.distributed) with 1 and 2 detector actors.
+"""Images/s end to end (files -> detections in the driver) of the single-process path against the Ray path
+(utils.distributed) with 1, 2 (, 4) detector actors: one per GPU on a machine with GPUs, else CPU actors.
 
-Same images, same file, backend (onnxruntime) and batch size, both through utils.run.open_executor
-(the local executor, and the Ray executor as ``--ray`` runs it); the median of --repeats passes after
-a warm-up. A Ray pass starts from an empty shard folder (a fresh run) and includes starting the actor
-pool (Ray Data makes one per run) but not starting the cluster. Overhead per image =
-1000 / (Ray, 1 actor) - 1000 / (single) ms. Run from the repository root:
+Same file, backend (onnxruntime), batch size, decode path and runtime options for every row, both through
+utils.run.open_executor; the images are the VOC images (-d) repeated to at least --images. Each executor is
+opened once outside the timing (the single process's runner; the Ray pool, its actors started and their
+engines opened), warmed up by one full pass, then timed over --repeats passes (median). A Ray pass starts
+from an empty shard folder and includes the shards, the manifest and the merge. Scaling efficiency =
+img/s with N actors / (N x img/s with 1 actor); "ray_1 / single" is the cost of going through Ray.
+Run from the repository root:
 
-  python -m benchmarks.bench_ray -m ssdlite_mobilenet_v2_pedestrian -d ../shared/data/VOCdevkit/VOC2007
-  python -m benchmarks.bench_ray --onnx pedestrian_core.onnx -d VOC2007 --limit 16 --repeats 1
+  python -m benchmarks.bench_ray --onnx inception_core_FP16.onnx -d ../shared/data/VOCdevkit/VOC2007 \\
+      --images 20000 -b 128 --decode gpu --cuda-graph --nhwc --gpus 1,2 --out bench_ray.json
+  python -m benchmarks.bench_ray --onnx pedestrian_core.onnx -d VOC2007 --images 64 -b 8 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -23,69 +28,114 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchmarks.common import resolve_plan, write_json
+from benchmarks.common import add_runtime_args, gpu_name, resolve_plan, write_json
 from utils import cli, distributed
+from utils.errors import UserError
+from utils.pipeline import DECODE_CHOICES, default_workers
 from utils.run import open_executor
 
 
-def timed_pass(plan, artifact, paths: list[Path], workers: int, ray: str | None = None,
-               ray_workers: int | None = None) -> float:
-    """Seconds of one run over ``paths`` through an executor (opened outside the timing); a Ray run starts
-    from an empty shard folder and its shards are removed afterwards."""
-    keys = [path.name for path in paths]
-    with open_executor(plan, artifact, workers=workers, ray=ray, ray_workers=ray_workers, fresh=True) as executor:
-        started = time.perf_counter()
-        for _ in executor.batches(paths, keys, keep_images=ray is None):
-            pass
-        seconds = time.perf_counter() - started
-        folder = getattr(executor, "folder", None)
+def repeated(paths: list[Path], count: int) -> list[Path]:
+    """``paths`` repeated until there are at least ``count``."""
+    return paths * max(1, math.ceil(count / len(paths)))
+
+
+def timed(executor, paths: list[Path], keys: list[str]) -> float:
+    """Seconds of one pass over ``paths`` through an opened executor; Ray shards are removed afterwards."""
+    started = time.perf_counter()
+    for _ in executor.batches(paths, keys):
+        pass
+    seconds = time.perf_counter() - started
+    folder = getattr(executor, "folder", None)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
     return seconds
 
 
-def median_fps(images: int, measure, repeats: int) -> float:
-    measure()  # warm-up
-    return images / statistics.median(measure() for _ in range(repeats))
+def measure(executor, paths: list[Path], repeats: int) -> dict:
+    """Warm-up pass, then the median of ``repeats`` passes."""
+    keys = [str(index) for index in range(len(paths))]
+    warmup = timed(executor, paths, keys)
+    seconds = [timed(executor, paths, keys) for _ in range(repeats)]
+    return {"images_per_s": len(paths) / statistics.median(seconds), "seconds": seconds, "warmup_seconds": warmup}
+
+
+def actor_counts(text: str) -> list[int]:
+    try:
+        counts = [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated actor counts, got '{text}'") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"actor counts must be at least 1, got '{text}'")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_source_args(parser)
-    cli.add_precision_arg(parser, "precision to convert -m MODEL to (default: FP32, or the given file's)", default=None)
-    cli.add_flavour_arg(parser)
-    cli.add_voc_args(parser, limit=120)
-    parser.add_argument("-b", "--batch-size", type=int, default=8)
-    parser.add_argument("-j", "--workers", type=int, default=0,
-                        help="decode worker threads of the single-process path (default 0: in the detecting thread, "
-                             "as this benchmark always measured it; detect_objects.py uses one per core)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=Path("bench_ray.json"))
+    add_runtime_args(parser)
+    cli.add_voc_args(parser)
+    parser.add_argument("--images", type=int, default=20000, help="repeat the VOC images to at least this many")
+    parser.add_argument("-b", "--batch-size", type=int, default=128)
+    parser.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
+                        help="cpu, gpu (in the single process and in each GPU actor) or auto")
+    parser.add_argument("--gpus", type=actor_counts, default=None, metavar="N,N",
+                        help="Ray detector actor counts (default 1,2 and 4 where the cluster has 4 GPUs); on a "
+                             "machine without GPUs they are CPU actors")
+    parser.add_argument("-j", "--workers", type=int, default=default_workers(),
+                        help="decode worker threads of the single-process path (default: one per core, as "
+                             "detect_objects.py)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", "--json", dest="out", type=Path, default=Path("bench_ray.json"))
     args = parser.parse_args(argv)
     cli.setup_logging()
 
     with cli.user_errors():
-        paths = [image.path for image in cli.voc_dataset(args).images]
-        plan = resolve_plan(args, "onnxruntime", args.batch_size, "cpu")
+        paths = repeated([image.path for image in cli.voc_dataset(args).images], args.images)
+        plan = resolve_plan(args, "onnxruntime", args.batch_size, args.decode)
         artifact = plan.prepare()
-        results = {"single": median_fps(len(paths), lambda: timed_pass(plan, artifact, paths, args.workers),
-                                        args.repeats)}
+        rows = {}
+        with open_executor(plan, artifact, workers=args.workers) as executor:
+            device = executor.runner.device
+            rows["single"] = measure(executor, paths, args.repeats)
         distributed.connect(None)               # the cluster's start is not timed
-        for actors in (1, 2):
-            results[f"ray_{actors}_actors"] = median_fps(
-                len(paths), lambda: timed_pass(plan, artifact, paths, 0, "local", actors), args.repeats)
-    overhead_ms = 1000 / results["ray_1_actors"] - 1000 / results["single"]
-    print(f"{'path':<16} {'images/s':>9}")
-    for name, fps in results.items():
-        print(f"{name:<16} {fps:>9.1f}")
-    print(f"Ray overhead per image (1 actor vs single): {overhead_ms:.2f} ms "
-          f"({len(paths)} images, batch {args.batch_size}, median of {args.repeats})")
-    write_json(args.json, {
+        ray = distributed.import_ray()
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        counts = args.gpus or ([1, 2, 4] if gpus >= 4 else [1, 2])
+        if gpus and max(counts) > gpus:
+            raise UserError(f"--gpus {','.join(map(str, counts))}: the cluster has {gpus} GPUs (one actor each)")
+        for actors in counts:
+            with open_executor(plan, artifact, ray="local", ray_workers=actors, fresh=True) as executor:
+                started = time.perf_counter()
+                pool = executor.open()          # actors started, engines opened: not timed
+                opened = time.perf_counter() - started
+                try:
+                    rows[f"ray_{actors}"] = {**measure(executor, paths, args.repeats), "pool_start_seconds": opened,
+                                             "actors": list(pool.info.values())}
+                finally:
+                    executor.close()
+    single, one = rows["single"]["images_per_s"], rows[f"ray_{counts[0]}"]["images_per_s"]
+    base = counts[0]
+    scaling = {f"ray_{n}": rows[f"ray_{n}"]["images_per_s"] / one for n in counts}
+    efficiency = {f"ray_{n}": scaling[f"ray_{n}"] * base / n for n in counts}
+    print(f"{'path':<10} {'images/s':>9} {'vs ray_' + str(base):>9} {'efficiency':>10}")
+    print(f"{'single':<10} {single:>9.1f}")
+    for n in counts:
+        name = f"ray_{n}"
+        print(f"{name:<10} {rows[name]['images_per_s']:>9.1f} {scaling[name]:>8.2f}x {efficiency[name]:>9.0%}")
+    print(f"ray_{base} / single: {one / single:.0%} ({len(paths)} images, batch {args.batch_size}, decode "
+          f"{plan.decode}, {'GPU' if gpus else 'CPU'} actors, median of {args.repeats})")
+    write_json(args.out, {
         "date": date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
-        "model": artifact.model, "images": len(paths), "batch": args.batch_size, "repeats": args.repeats,
-        "images_per_s": results, "ray_overhead_ms_per_image": overhead_ms})
-    print(f"Saved {args.json}")
+        "gpu": gpu_name() if gpus else "no GPU", "cluster_gpus": gpus, "device": device, "model": artifact.model,
+        "file": str(artifact.path), "flavour": artifact.flavour, "precision": artifact.precision,
+        "images": len(paths), "batch": args.batch_size, "decode": plan.decode,
+        "options": {"cuda_graph": plan.options.cuda_graph, "nhwc": plan.options.nhwc},
+        "block": distributed.block_size(plan, gpus > 0), "repeats": args.repeats, "rows": rows,
+        "images_per_s": {name: row["images_per_s"] for name, row in rows.items()},
+        "scaling": scaling, "scaling_efficiency": efficiency, "ray_1_vs_single": one / single if base == 1 else None})
+    print(f"Saved {args.out}")
     return 0
 
 

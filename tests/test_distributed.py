@@ -20,14 +20,13 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = str(REPO_ROOT / "detect_objects.py")
 IMAGES = 20
-DETECTOR_TITLE = b"ray::MapWorker(MapBatches(Detector))"
+DETECTOR_TITLE = b"ray::Detector"
 
 
 @pytest.fixture(scope="module")
 def cluster(shared_dir, pedestrian_onnx):
     """Head and two worker nodes, one CPU each; shut down after the module."""
     cluster_utils = pytest.importorskip("ray.cluster_utils")
-    pytest.importorskip("ray.data")
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -111,23 +110,24 @@ def detector_pids() -> list[int]:
     return pids
 
 
-def merged(image_dir: Path) -> list[dict]:
-    folder = run_folder(image_dir)
-    return [json.loads(line) for line in (folder / "detections.jsonl").read_text(encoding="utf-8").splitlines()]
+def merged(image_dir: Path) -> list:
+    from utils.distributed import MERGED, read_records
+
+    return read_records(run_folder(image_dir) / MERGED)
 
 
 def check_exactly_once(image_dir: Path, reference: dict[str, np.ndarray], bad: set[str] = frozenset()) -> None:
     """Every input once, in input order, good ones with the single-process detections (scores within 1e-6)."""
     records = merged(image_dir)
-    names = [Path(record["path"]).name for record in records]
+    names = [Path(record.path).name for record in records]
     assert names == sorted(reference) + sorted(bad)
-    assert [record["index"] for record in records] == list(range(len(records)))
+    assert [record.index for record in records] == list(range(len(records)))
     for record in records:
-        name = Path(record["path"]).name
+        name = Path(record.path).name
         if name in bad:
-            assert record["error"] and record["rows"] is None
+            assert record.error and record.rows is None
             continue
-        rows, expected = np.array(record["rows"], np.float32), reference[name]
+        rows, expected = record.rows, reference[name]
         assert rows.shape == expected.shape, name
         np.testing.assert_array_equal(rows[:, :2], expected[:, :2])
         np.testing.assert_allclose(rows[:, 2:], expected[:, 2:], rtol=0, atol=1e-6)
@@ -171,17 +171,17 @@ def test_interrupted_run_resumes_to_the_same_bytes(cluster, image_dir, reference
     # Shards the manifest lists are complete and must be reused untouched; a shard written just before
     # the kill but not yet listed is (correctly) redone.
     listed = json.loads((folder / "manifest.json").read_text())["shards"]
-    kept = {f"shard_{int(block):06d}.jsonl": folder.joinpath(f"shard_{int(block):06d}.jsonl").stat().st_mtime_ns
+    kept = {f"shard_{int(block):06d}.npz": folder.joinpath(f"shard_{int(block):06d}.npz").stat().st_mtime_ns
             for block in listed}
     assert 3 <= len(kept) < IMAGES
     code, _, stderr = finish(start(image_dir, cluster[0].address))
     assert code == 0, stderr[-2000:]
     assert all(folder.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
-    resumed = (folder / "detections.jsonl").read_bytes()
+    resumed = (folder / "detections.npz").read_bytes()
     shutil.rmtree(folder)
     code, _, stderr = finish(start(image_dir, cluster[0].address))
     assert code == 0, stderr[-2000:]
-    assert (folder / "detections.jsonl").read_bytes() == resumed
+    assert (folder / "detections.npz").read_bytes() == resumed
     check_exactly_once(image_dir, reference)
 
 

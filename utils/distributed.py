@@ -1,24 +1,35 @@
-"""Detection on a Ray cluster: Ray Data reads and preprocesses blocks of images in CPU tasks, a pool of
-detector actors (one backend each) runs them, and the driver writes one JSON-lines shard per block.
+"""Detection on a Ray cluster: CPU tasks read blocks of images, a pool of detector actors (one engine each:
+one actor per GPU on a CUDA cluster, else CPU actors) detects, and the driver writes one shard per block.
+
+Blocks: on a CPU cluster a block is one batch (``plan.batch_size`` inputs), read and preprocessed by a CPU
+task. On a GPU cluster a block is BLOCK_BATCHES batches, so that each GPU runs large batches back to back;
+with ``plan.decode == "gpu"`` the actor reads and decodes the block on its own GPU (utils.gpu_input, the
+single-process path), else CPU tasks decode one batch each. Each actor sees only its GPU
+(CUDA_VISIBLE_DEVICES, set by Ray): device 0 inside it is its GPU. The pool lives as long as the executor,
+so later runs find its engines open and warm.
 
 Exactly once: a block is the unit of work and of output. The driver writes a block's shard atomically
-and then records it in ``manifest.json``; a block delivered twice (a retried task or actor) is ignored,
-a failed pipeline is run again on the blocks that are still missing, and a later run with the same key
-skips the blocks the manifest lists. The merged ``detections.jsonl`` holds one line per input in input
-order. Image paths and the workspace must be readable at the same path on every node.
+and then records it in ``manifest.json``; a block delivered twice is ignored, a block whose actor died
+(or whose input was lost with a node) is given to another actor, and a later run with the same key skips
+the blocks the manifest lists. The merged ``detections.npz`` holds every input once, in input order
+(``read_records``). Image paths and the workspace must be readable at the same path on every node.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+import zipfile
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -27,7 +38,7 @@ import numpy as np
 
 from utils.artifact import Artifact
 from utils.errors import EXIT_USAGE, UserError
-from utils.files import os_reason, write_text_atomic
+from utils.files import os_reason, write_bytes_atomic, write_text_atomic
 from utils.run import BatchResult, ImageResult
 
 log = logging.getLogger(__name__)
@@ -35,13 +46,18 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_HINT = "--ray needs Ray; run: pip install -r requirements-distributed.txt"
 MANIFEST = "manifest.json"
-MERGED = "detections.jsonl"
-ATTEMPTS = 3              # pipeline runs before the missing blocks are given up
-STALL_SECONDS = 120       # a pipeline that makes no progress this long fails and is run again
-DETECTOR_CPUS = 0.5       # a CPU detector reserves half a CPU: one actor per CPU leaves room to decode
+MERGED = "detections.npz"
+ATTEMPTS = 3              # a block whose detector call fails this often (not counting lost actors) is given up
+STALL_SECONDS = 120       # no block finished and no actor came up this long: the run stops (run again to resume)
+DETECTOR_CPUS = 0.5       # a detector reserves half a CPU: one actor per CPU leaves room for the read tasks
+READ_CPUS = 0.25          # a read task (decode and preprocess one batch on the CPU)
+BLOCK_BATCHES = int(os.environ.get("SSD_RAY_BLOCK_BATCHES", "4"))       # GPU clusters: batches per block
+GPU_CONCURRENCY = int(os.environ.get("SSD_RAY_GPU_CONCURRENCY", "2"))   # blocks a GPU actor works on at once (one
+                                                                         # decodes while the other detects)
+IN_FLIGHT = 3             # blocks given to one actor at a time: those running, the next one read ahead
 PROBE_TIMEOUT_S = 5       # a cluster address must accept a connection within this
 CONNECT_TIMEOUT_S = 20    # and Ray must have joined it within this
-READ_CPUS = 0.25          # differs from DETECTOR_CPUS, so Ray Data keeps decoding in tasks, not in the actors
+ROW_FIELDS = 7
 
 
 @dataclass(frozen=True)
@@ -52,8 +68,9 @@ class Record:
     key: str
     path: str
     size: tuple[int, int] | None = None
-    rows: list[list[float]] | None = None
+    rows: np.ndarray | None = None
     error: str | None = None
+    cpu_reason: str | None = None       # decode gpu: why the CPU decoded it instead
 
 
 @dataclass
@@ -64,13 +81,13 @@ class DistributedRun:
     num_classes: int
     inference_seconds: float          # summed over the detector calls that made the shards
     folder: Path
+    hardware_decoded: int = 0         # decode gpu: files the GPUs' hardware JPEG engines decoded
 
 
 def import_ray() -> ModuleType:
     """The ray module, or a UserError (exit 2) saying how to install it."""
     try:
         import ray  # noqa: PLC0415
-        import ray.data  # noqa: F401, PLC0415
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     return ray
@@ -135,17 +152,13 @@ def connect(address: str | None) -> None:
         watchdog.daemon = True
         watchdog.start()
     try:
-        ray.init(address=address, runtime_env=env, logging_level="WARNING", log_to_driver=False)
+        # "local": a new cluster of this machine, never another local one that happens to be running
+        ray.init(address=address or "local", runtime_env=env, logging_level="WARNING", log_to_driver=False)
     except ConnectionError as exc:
         raise UserError(f"cannot join the Ray cluster at '{address}': {' '.join(str(exc).split())}") from None
     finally:
         if watchdog is not None:
             watchdog.cancel()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.execution_no_progress_timeout_s = STALL_SECONDS
 
 
 def _give_up(address: str) -> None:
@@ -175,39 +188,246 @@ def _blocks(count: int, size: int) -> list[range]:
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-def _load_block(row: dict) -> dict:
-    """Ray Data task: read and preprocess the images of one block (utils.pipeline.load_one)."""
+# --- the work: read tasks and detector actors ---------------------------------------------------------
+
+
+def _read_batch(paths: list[str], input_size: tuple[int, int]) -> dict:
+    """Ray task: read and preprocess one batch of images on a CPU (utils.pipeline.load_one)."""
     from utils.pipeline import load_one  # noqa: PLC0415
 
-    width, height = row["input_size"]
-    loaded = [load_one(Path(path), (width, height)) for path in json.loads(row["paths"])]
+    width, height = input_size
+    loaded = [load_one(Path(path), (width, height)) for path in paths]
     tensors = [item.tensor for item in loaded if item.tensor is not None]
-    meta = [{"size": item.size, "error": item.error} for item in loaded]
-    stacked = np.stack(tensors) if tensors else np.zeros((0, 3, height, width), np.float32)
-    return {"block": row["block"], "meta": json.dumps(meta), "tensors": stacked.tobytes(), "count": len(tensors)}
+    return {"tensor": np.stack(tensors) if tensors else None,
+            "meta": [{"size": item.size, "error": item.error, "cpu_reason": None} for item in loaded]}
+
+
+def _pin_gpu() -> list[str]:
+    """The GPUs Ray gave this actor, made the only ones it sees (Ray sets CUDA_VISIBLE_DEVICES itself unless
+    told not to; set here again before anything opens CUDA, so that device 0 is always this actor's GPU)."""
+    import ray  # noqa: PLC0415
+
+    ids = [str(gpu) for gpu in ray.get_gpu_ids()]
+    if ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    return ids
+
+
+class _Block:
+    """The outcome of one block in an actor: per input its size, error and detection rows."""
+
+    def __init__(self):
+        self.meta: list[dict] = []
+        self.rows: list[np.ndarray] = []
+        self.seconds = 0.0
+        self.hardware = 0
+
+    def add(self, meta: list[dict], found: list[np.ndarray]) -> None:
+        found = iter(found)
+        for item in meta:
+            rows = next(found) if item["error"] is None else np.zeros((0, ROW_FIELDS), np.float32)
+            self.meta.append(item)
+            self.rows.append(np.asarray(rows, np.float32).reshape(-1, ROW_FIELDS))
+
+    def result(self, num_classes: int, where: str) -> dict:
+        return {"meta": self.meta, "counts": np.array([len(rows) for rows in self.rows], np.int32),
+                "rows": np.concatenate(self.rows) if self.rows else np.zeros((0, ROW_FIELDS), np.float32),
+                "seconds": self.seconds, "hardware": self.hardware, "num_classes": num_classes, "where": where}
 
 
 class Detector:
-    """Ray Data actor: one runner opened from the plan's file (no conversion, no TensorFlow on the node),
-    one block per call -> the block's detections as JSON."""
+    """Ray actor: one runner opened from the plan's file (no conversion, no TensorFlow on the node) on its
+    GPU or CPU; one block per call -> the block's detections."""
 
     def __init__(self, plan, artifact: Artifact):
+        self.gpu_ids = _pin_gpu()
+        self.plan = plan
         self.runner = plan.open(artifact)
+        self.lock = threading.Lock()          # one detect at a time (GPU_CONCURRENCY calls share the runner)
+        self.loaders: queue.SimpleQueue = queue.SimpleQueue()     # decode gpu: one loader per concurrent call
+        if plan.decode == "gpu" and self.gpu_ids:
+            self.loaders.put(self._new_loader())        # its decoders open now, not in the first block
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def where(self) -> dict:
+        """Which process, node and device this actor is (the tests and the manifest show it)."""
+        import ray  # noqa: PLC0415
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "gpu_ids": self.gpu_ids,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": self.runner.device,
+                "gpu_uuid": _gpu_uuid()}
+
+    def _label(self) -> str:
+        return f"{socket.gethostname()}:{'GPU ' + ','.join(self.gpu_ids) if self.gpu_ids else 'CPU'}"
+
+    def _detect(self, tensor) -> list[np.ndarray]:
         from utils.run import detect_rows  # noqa: PLC0415
 
-        width, height = self.runner.spec.input_size
-        blocks, seconds = [], []
-        for data, count, meta in zip(batch["tensors"], batch["count"], batch["meta"]):
-            tensors = np.frombuffer(data, np.float32).reshape(int(count), 3, height, width)
+        with self.lock:
+            return detect_rows(self.runner, tensor)
+
+    def detect_tensors(self, *batches: dict) -> dict:
+        """Detect on batches that CPU tasks decoded (``_read_batch``)."""
+        block = _Block()
+        for batch in batches:
             started = time.perf_counter()
-            found = iter(rows.tolist() for rows in detect_rows(self.runner, tensors))
-            seconds.append(time.perf_counter() - started)
-            blocks.append(json.dumps([{**item, "rows": next(found) if item["error"] is None else None}
-                                      for item in json.loads(meta)]))
-        return {"block": batch["block"], "results": np.array(blocks, dtype=object), "seconds": np.array(seconds),
-                "num_classes": np.full(len(blocks), self.runner.spec.num_classes)}
+            found = self._detect(batch["tensor"])
+            block.seconds += time.perf_counter() - started
+            block.add(batch["meta"], found)
+        return block.result(self.runner.spec.num_classes, self._label())
+
+    def detect_files(self, paths: list[str]) -> dict:
+        """Read and decode the files on this actor's GPU (utils.gpu_input, as the single-process run), detect."""
+        block = _Block()
+        loader = self._loader()
+        try:
+            for batch in loader.batches([Path(path) for path in paths], self.plan.batch_size):
+                started = time.perf_counter()
+                found = self._detect(batch.tensor)
+                block.seconds += time.perf_counter() - started
+                block.hardware += batch.hardware_decoded
+                block.add([{"size": item.size, "error": item.error, "cpu_reason": item.cpu_reason}
+                           for item in batch.items], found)
+        finally:
+            self.loaders.put(loader)
+        return block.result(self.runner.spec.num_classes, self._label())
+
+    def _loader(self):
+        """A GPU loader of this actor (made once per concurrent call, then reused: the decoders stay open)."""
+        try:
+            return self.loaders.get_nowait()
+        except queue.Empty:
+            return self._new_loader()
+
+    def _new_loader(self):
+        from utils.gpu_input import GpuImageLoader  # noqa: PLC0415
+
+        return GpuImageLoader(self.runner.spec.input_size)
+
+
+def _gpu_uuid() -> str | None:
+    """The UUID of CUDA device 0 as torch sees it, when torch is already loaded with CUDA (decode gpu)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return str(getattr(torch.cuda.get_device_properties(0), "uuid", None))
+
+
+class DetectorPool:
+    """The detector actors of a run: ``size`` actors, one GPU each on a cluster with GPUs, else CPU actors.
+
+    An actor whose process or node dies is restarted by Ray; until it answers again it gets no blocks."""
+
+    def __init__(self, ray, plan, artifact: Artifact, workers: int | None):
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        self.ray = ray
+        self.on_gpu = gpus > 0
+        self.size = workers or gpus or max(1, int(resources.get("CPU", 1)))
+        options = dict(num_cpus=DETECTOR_CPUS, max_restarts=-1, max_task_retries=0)
+        if self.on_gpu:
+            options.update(num_gpus=1, max_concurrency=GPU_CONCURRENCY)
+        actor = ray.remote(Detector).options(**options)
+        self.actors = [actor.remote(plan, artifact) for _ in range(self.size)]
+        self.info: dict[int, dict] = {}         # actor index -> Detector.where() of its current process
+        self.pings: dict = {}                   # where() call -> actor index, for actors not yet (again) ready
+        self.gone: dict[int, str] = {}          # actor index -> why it cannot come back
+        self.later: dict[int, float] = {}       # actor index -> when to ask again (it was restarting)
+        for index in range(self.size):
+            self.ping(index)
+
+    def ping(self, index: int) -> None:
+        self.info.pop(index, None)
+        self.pings[self.actors[index].where.remote()] = index
+
+    def waiting(self) -> list:
+        """The where() calls to wait for (asking again the restarting actors whose time has come)."""
+        now = time.monotonic()
+        for index, when in list(self.later.items()):
+            if when <= now:
+                del self.later[index]
+                self.ping(index)
+        return list(self.pings)
+
+    def ready(self) -> list[int]:
+        return sorted(self.info)
+
+    def wait_ready(self, count: int | None = None, timeout: float = STALL_SECONDS) -> None:
+        """Wait until ``count`` actors (default: all) answer; UserError when none does within ``timeout``."""
+        count = self.size if count is None else count
+        deadline = time.monotonic() + timeout
+        while len(self.info) < count and len(self.gone) < self.size and time.monotonic() < deadline:
+            pings = self.waiting()
+            done, _ = self.ray.wait(pings, num_returns=1, timeout=1.0) if pings else (time.sleep(0.2), [])
+            for ref in done:
+                self.answered(ref)
+        if not self.info:
+            need = "1 GPU" if self.on_gpu else f"{DETECTOR_CPUS} CPU"
+            raise UserError(f"no detector actor started on the Ray cluster within {timeout:.0f} s (each needs {need}); "
+                            f"check the cluster's resources (ray status) or give fewer --ray-workers")
+
+    def answered(self, ref) -> None:
+        """A where() call returned: the actor is ready, or it is gone for good (its constructor failed, or it was
+        ended); UserError when every actor is gone."""
+        index = self.pings.pop(ref)
+        try:
+            self.info[index] = self.ray.get(ref)
+        except self.ray.exceptions.ActorUnavailableError:       # restarting: ask again in a moment
+            self.later[index] = time.monotonic() + 0.5
+        except self.ray.exceptions.RayError as exc:
+            self.gone[index] = _reason(exc)
+            log.warning("Detector actor %d is gone (%s)", index, self.gone[index])
+            if len(self.gone) == self.size:
+                raise UserError(f"every detector actor on the Ray cluster is gone ({self.gone[index]}); "
+                                f"run again to resume") from None
+
+    def close(self) -> None:
+        """End the actors and wait (up to STALL_SECONDS) until the cluster has their resources back."""
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors, self.info, self.pings, self.later = [], {}, {}, {}
+        resource = "GPU" if self.on_gpu else "CPU"
+        deadline = time.monotonic() + STALL_SECONDS
+        while (self.ray.available_resources().get(resource, 0) < self.ray.cluster_resources().get(resource, 0)
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+
+
+def _reason(exc: BaseException) -> str:
+    return ([line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__])[-1][:200]
+
+
+# --- the shards --------------------------------------------------------------------------------------
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as an .npz archive whose bytes depend on the arrays only (no timestamps)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", (1980, 1, 1, 0, 0, 0)), "w") as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_records(path: Path, records: list[Record]) -> None:
+    """Records as one .npz: ``rows`` [sum M, 7] float32, ``counts`` [N] and ``records`` (the rest as UTF-8 JSON)."""
+    described = [{"index": r.index, "key": r.key, "path": r.path, "size": list(r.size) if r.size else None,
+                  "error": r.error, "cpu_reason": r.cpu_reason} for r in records]
+    rows = [r.rows if r.rows is not None else np.zeros((0, ROW_FIELDS), np.float32) for r in records]
+    write_bytes_atomic(path, _npz({
+        "rows": np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, ROW_FIELDS), np.float32),
+        "counts": np.array([len(r) for r in rows], np.int64),
+        "records": np.frombuffer(json.dumps(described).encode(), np.uint8)}))
+
+
+def read_records(path: Path) -> list[Record]:
+    """The records of a shard or of the merged ``detections.npz``."""
+    with np.load(path, allow_pickle=False) as data:
+        rows, counts, described = data["rows"], data["counts"], json.loads(data["records"].tobytes())
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    return [Record(d["index"], d["key"], d["path"], tuple(d["size"]) if d["size"] else None,
+                   rows[starts[i]:starts[i + 1]] if d["error"] is None else None, d["error"], d["cpu_reason"])
+            for i, d in enumerate(described)]
 
 
 class ShardStore:
@@ -216,112 +436,180 @@ class ShardStore:
     def __init__(self, folder: Path, key: dict):
         self.folder = Path(folder)
         self.key = key
-        self.complete: dict[int, float] = {}   # block -> seconds its detector call took
+        self.complete: dict[int, dict] = {}   # block -> {"seconds", "hardware", "where"} of its detector call
         self.num_classes = 0
         manifest = self.folder / MANIFEST
         if manifest.is_file():
             saved = json.loads(manifest.read_text(encoding="utf-8"))
             if saved.get("key") == key:
-                self.complete = {int(block): seconds for block, seconds in saved["shards"].items()
+                self.complete = {int(block): made for block, made in saved["shards"].items()
                                  if self.shard_path(int(block)).is_file()}
                 self.num_classes = saved["num_classes"]
 
     def shard_path(self, block: int) -> Path:
-        return self.folder / f"shard_{block:06d}.jsonl"
+        return self.folder / f"shard_{block:06d}.npz"
 
-    def save(self, block: int, records: list[Record], num_classes: int, seconds: float) -> None:
+    def save(self, block: int, records: list[Record], num_classes: int, made: dict) -> None:
         """Write a block's shard, then list it in the manifest; a block already saved is ignored."""
         if block in self.complete:
             return
-        write_text_atomic(self.shard_path(block), "".join(json.dumps(asdict(r)) + "\n" for r in records))
-        self.complete[block] = seconds
+        write_records(self.shard_path(block), records)
+        self.complete[block] = made
         self.num_classes = num_classes
         write_text_atomic(self.folder / MANIFEST, json.dumps(
             {"key": self.key, "num_classes": num_classes, "shards": dict(sorted(self.complete.items()))}, indent=1))
 
     def merge(self, blocks: list[range]) -> list[Record]:
-        """All records in input order, written to ``detections.jsonl``; checks each input appears once."""
+        """All records in input order, written to ``detections.npz``; checks each input appears once."""
         records = []
         for block, indices in enumerate(blocks):
-            lines = self.shard_path(block).read_text(encoding="utf-8").splitlines()
-            shard = [_record(json.loads(line)) for line in lines]
+            shard = read_records(self.shard_path(block))
             if [r.index for r in shard] != list(indices):
                 raise UserError(f"shard {self.shard_path(block)} does not hold inputs {indices.start}..{indices.stop - 1}; "
                                 f"delete {self.folder} and run again")
             records.extend(shard)
-        write_text_atomic(self.folder / MERGED, "".join(json.dumps(asdict(r)) + "\n" for r in records))
+        write_records(self.folder / MERGED, records)
         return records
 
 
-def _record(data: dict) -> Record:
-    size = tuple(data["size"]) if data["size"] is not None else None
-    return Record(data["index"], data["key"], data["path"], size, data["rows"], data["error"])
+# --- the driver --------------------------------------------------------------------------------------
 
 
-def _pool(ray, workers: int | None) -> tuple[int, dict]:
-    """Detector actors and the resources of each: one GPU each on a CUDA cluster, else CPU actors."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    size = workers or gpus or max(1, int(resources.get("CPU", 1)))
-    return size, ({"num_gpus": 1} if gpus else {"num_cpus": DETECTOR_CPUS})
+def block_size(plan, on_gpu: bool) -> int:
+    """Inputs per block: one batch on CPU actors, BLOCK_BATCHES batches on GPU actors."""
+    return plan.batch_size * (BLOCK_BATCHES if on_gpu else 1)
 
 
-def _pipeline(ray, items: list[dict], plan, artifact: Artifact, workers: int | None) -> Iterator[dict]:
-    size, resources = _pool(ray, workers)
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(_load_block, num_cpus=READ_CPUS)
-    # Ray Data restarts the pool's actors and retries their calls without limit by default
-    detected = dataset.map_batches(Detector, fn_constructor_args=(plan, artifact), batch_size=1, batch_format="numpy",
-                                   compute=ray.data.ActorPoolStrategy(size=size), **resources)
-    return detected.iter_rows()
+class _Dispatch:
+    """One run's blocks through the pool: at most IN_FLIGHT blocks per ready actor; a block whose call fails
+    goes back to the queue (a lost actor is asked again before it gets more)."""
+
+    def __init__(self, ray, pool: DetectorPool, plan, artifact: Artifact, paths: list[Path]):
+        self.ray, self.pool, self.plan, self.paths = ray, pool, plan, paths
+        self.input_size = tuple(artifact.spec.input_size)
+        self.read = ray.remote(_read_batch).options(num_cpus=READ_CPUS)
+        self.calls: dict = {}                   # detector call -> (block, actor index)
+        self.failures: dict[int, int] = {}
+
+    def submit(self, block: int, indices: range, actor: int) -> None:
+        files = [str(self.paths[i]) for i in indices]
+        handle = self.pool.actors[actor]
+        if self.pool.on_gpu and self.plan.decode == "gpu":
+            call = handle.detect_files.remote(files)
+        else:
+            batch = self.plan.batch_size
+            reads = [self.read.remote(files[start:start + batch], self.input_size)
+                     for start in range(0, len(files), batch)]
+            call = handle.detect_tensors.remote(*reads)
+        self.calls[call] = (block, actor)
+
+    def run(self, todo: deque, blocks: list[range], save) -> list[int]:
+        """Detect every block of ``todo``, calling ``save(block, result)``; the blocks given up on."""
+        given_up, progress = [], time.monotonic()
+        while todo or self.calls:
+            load = {index: 0 for index in self.pool.ready()}
+            for block, actor in self.calls.values():
+                load[actor] = load.get(actor, 0) + 1
+            for actor in sorted(load, key=load.get):
+                while todo and load[actor] < IN_FLIGHT and actor in self.pool.info:
+                    self.submit(todo[0], blocks[todo[0]], actor)
+                    todo.popleft()
+                    load[actor] += 1
+            waiting = list(self.calls) + self.pool.waiting()
+            done, _ = self.ray.wait(waiting, num_returns=1, timeout=1.0) if waiting else (time.sleep(0.2), [])
+            for ref in done:
+                if ref in self.pool.pings:
+                    self.pool.answered(ref)
+                    progress = time.monotonic()
+                    continue
+                block, actor = self.calls.pop(ref)
+                try:
+                    result = self.ray.get(ref)
+                except self.ray.exceptions.RayError as exc:
+                    self._failed(block, actor, exc, todo, given_up)
+                    continue
+                save(block, result)
+                progress = time.monotonic()
+            if time.monotonic() - progress > STALL_SECONDS:
+                raise UserError(f"no block finished on the Ray cluster in {STALL_SECONDS} s ({len(self.pool.info)} of "
+                                f"{self.pool.size} detector actors up); run again to resume")
+        return given_up
+
+    def _failed(self, block: int, actor: int, exc: BaseException, todo: deque, given_up: list[int]) -> None:
+        lost = isinstance(exc, (self.ray.exceptions.RayActorError, self.ray.exceptions.ObjectLostError,
+                                self.ray.exceptions.ActorUnavailableError))
+        if lost and actor in self.pool.info:
+            log.warning("Detector actor %d was lost (%s); its blocks go to the others", actor, _reason(exc))
+            self.pool.ping(actor)
+        if not lost:
+            self.failures[block] = self.failures.get(block, 0) + 1
+            log.warning("Block %d failed on the Ray cluster (%s)", block, _reason(exc))
+            if self.failures[block] >= ATTEMPTS:
+                given_up.append(block)
+                return
+        todo.appendleft(block)
 
 
 def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Path, run_key: dict,
-        workers: int | None = None) -> DistributedRun:
-    """Detect on every input through Ray (connect() first); skips the blocks a previous run completed."""
+        pool: DetectorPool) -> DistributedRun:
+    """Detect on every input through ``pool`` (connect() first); skips the blocks a previous run completed."""
     ray = import_ray()
-    blocks = _blocks(len(paths), plan.batch_size)
+    blocks = _blocks(len(paths), block_size(plan, pool.on_gpu))
     store = ShardStore(folder, run_key)
-    for attempt in range(1, ATTEMPTS + 1):
-        missing = [block for block in range(len(blocks)) if block not in store.complete]
-        if not missing:
-            break
-        items = [{"block": block, "paths": json.dumps([str(paths[i]) for i in blocks[block]]),
-                  "input_size": list(artifact.spec.input_size)} for block in missing]
-        try:
-            for row in _pipeline(ray, items, plan, artifact, workers):
-                _save_block(store, blocks, int(row["block"]), row, keys, paths)
-        except (ray.exceptions.RayError, ray.data.exceptions.ExecutionTimeoutError, RuntimeError) as exc:
-            reason = ([line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__])[-1]
-            log.warning("Ray pipeline attempt %d failed (%s); %d blocks left", attempt, reason.strip(),
-                        len(blocks) - len(store.complete))
-    if len(store.complete) < len(blocks):
-        raise UserError(f"{len(blocks) - len(store.complete)} blocks failed {ATTEMPTS} times on the Ray cluster; "
-                        f"run again to resume from {folder}")
-    return DistributedRun(store.merge(blocks), store.num_classes, sum(store.complete.values()), store.folder)
+    todo = deque(block for block in range(len(blocks)) if block not in store.complete)
+    hardware = 0
 
+    def save(block: int, result: dict) -> None:
+        nonlocal hardware
+        records = [Record(i, keys[i], str(paths[i]), tuple(meta["size"]) if meta["size"] else None,
+                          rows if meta["error"] is None else None, meta["error"], meta["cpu_reason"])
+                   for i, meta, rows in zip(blocks[block], result["meta"],
+                                            np.split(result["rows"], np.cumsum(result["counts"])[:-1]))]
+        if block not in store.complete:
+            hardware += result["hardware"]
+        store.save(block, records, int(result["num_classes"]),
+                   {"seconds": result["seconds"], "hardware": result["hardware"], "where": result["where"]})
 
-def _save_block(store: ShardStore, blocks: list[range], block: int, row: dict, keys: list[str],
-                paths: list[Path]) -> None:
-    results = json.loads(row["results"])
-    records = [Record(i, keys[i], str(paths[i]), tuple(r["size"]) if r["size"] else None, r["rows"], r["error"])
-               for i, r in zip(blocks[block], results)]
-    store.save(block, records, int(row["num_classes"]), float(row["seconds"]))
+    if todo:
+        pool.wait_ready(1)
+        given_up = _Dispatch(ray, pool, plan, artifact, paths).run(todo, blocks, save)
+        if given_up:
+            raise UserError(f"{len(given_up)} blocks failed {ATTEMPTS} times on the Ray cluster; run again to resume "
+                            f"from {folder}")
+    return DistributedRun(store.merge(blocks), store.num_classes,
+                          sum(made["seconds"] for made in store.complete.values()), store.folder, hardware)
 
 
 class RayExecutor:
-    """utils.run's executor on a Ray cluster: shards in ``workspace/ray/<key>``, merged in input order."""
+    """utils.run's executor on a Ray cluster: shards in ``workspace/ray/<key>``, merged in input order. The
+    detector pool starts with the first run and is kept for the next ones (``close`` ends it)."""
 
     def __init__(self, plan, artifact: Artifact, address: str | None, workers: int | None, fresh: bool = False):
         import_ray()
         self.plan, self.artifact, self.address, self.workers, self.fresh = plan, artifact, address, workers, fresh
         self.folder: Path | None = None
+        self.pool: DetectorPool | None = None
         self.name = "Ray"
 
     def settings(self) -> list[str]:
         where = self.address or "a local cluster"
+        decode = "on each actor's GPU" if self.plan.decode == "gpu" else "on the CPU in Ray tasks"
         return [f"Ray on {where}: {self.workers or 'one per GPU, else one per CPU'} detector actors, "
                 f"{self.plan.backend} {self.artifact.precision} ({self.artifact.flavour or 'frozen graph'}), "
-                f"max batch size {self.plan.batch_size}, CPU decode in Ray tasks"]
+                f"max batch size {self.plan.batch_size}, decode {decode} (CPU where the cluster has no GPU)"]
+
+    def open(self) -> DetectorPool:
+        """Join the cluster and start the detector pool (if not yet), waiting until every actor is up."""
+        if self.pool is None:
+            connect(self.address)
+            self.pool = DetectorPool(import_ray(), self.plan, self.artifact, self.workers)
+            self.pool.wait_ready()
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def batches(self, files, keys=None, keep_images=False) -> Iterator[BatchResult]:
         """Every file's result (one BatchResult for the whole run); images are never kept for drawing."""
@@ -329,14 +617,16 @@ class RayExecutor:
 
         paths = [Path(path) for path in files]
         keys = [str(key) for key in keys] if keys is not None else [str(path) for path in paths]
-        key = {"run": self.plan.key(self.artifact), "inputs": input_key(keys, paths), "batch": self.plan.batch_size}
+        started = time.perf_counter()
+        pool = self.open() if self.pool is None else self.pool
+        key = {"run": self.plan.key(self.artifact), "inputs": input_key(keys, paths),
+               "block": block_size(self.plan, pool.on_gpu), "batch": self.plan.batch_size}
         self.folder = run_folder(self.plan.workspace, key)
         if self.fresh:
             shutil.rmtree(self.folder, ignore_errors=True)
-        connect(self.address)
-        started = time.perf_counter()
-        done = run(keys, paths, self.plan, self.artifact, self.folder, key, self.workers)
-        results = [ImageResult(Path(record.path), record.key, tuple(record.size) if record.size else None,
-                               rows=np.array(record.rows, np.float32).reshape(-1, 7) if record.error is None else None,
-                               error=record.error) for record in done.records]
-        yield BatchResult(results, done.inference_seconds, time.perf_counter() - started)
+        done = run(keys, paths, self.plan, self.artifact, self.folder, key, pool)
+        results = [ImageResult(Path(record.path), record.key, record.size, rows=record.rows, error=record.error,
+                               cpu_reason=record.cpu_reason) for record in done.records]
+        yield BatchResult(results, done.inference_seconds, time.perf_counter() - started,
+                          cpu_decoded=sum(record.cpu_reason is not None for record in done.records),
+                          hardware_decoded=done.hardware_decoded)
