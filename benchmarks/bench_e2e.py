@@ -6,7 +6,9 @@ then JPEG files -> decoded + resized batches -> engine -> NMS -> host detections
 utils.run.detect_batches (the one detection loop) with decode cpu on one worker thread, cpu on every
 core, gpu (nvJPEG: hardware engines via nvImageCodec), gpu-cuda (torchvision's nvJPEG on CUDA) and dali
 (the NVIDIA DALI pipeline of utils.dali_input, what --decode gpu uses when DALI is installed). The "outside" column is the share of end-to-end time not spent in the engine
-alone. Optionally (--voc) the VOC AP of the cpu, gpu and dali decode paths on the same model, through
+alone. Each row also has the stages one at a time, in ms per batch ("stages": launch, NMS alone on the
+engine's real outputs, finish = NMS + copy back) and, per path, where the loop's time went (input wait, launch,
+wait for finish: on CUDA finish of batch k runs on a worker thread during the engine on batch k + 1). Optionally (--voc) the VOC AP of the cpu, gpu and dali decode paths on the same model, through
 utils.evaluation.run_detections (label map from the file). Runs from a converted ONNX file (--onnx;
 it carries its own description, no TensorFlow), so it runs on the GPU machine; -m MODEL converts
 first. Writes JSON. Run from the repository root:
@@ -28,6 +30,8 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.common import (add_runtime_args, comma_choices, gpu_name, measure, parse_batches, resolve_plan,
                                write_json)
@@ -55,22 +59,67 @@ def end_to_end(runner, paths: list[Path], batch: int, workers: int, decode: str)
     is reported apart)."""
     for _ in detect_batches(runner, paths[:batch], batch, decode, workers):
         pass
-    count, on_cpu, hardware, startup, started, detecting, waiting = 0, 0, 0, 0.0, None, 0.0, 0.0
+    count, on_cpu, hardware, startup = 0, 0, 0, None
+    stages = dict.fromkeys(("detect_s", "input_wait_s", "launch_s", "finish_s", "finish_wait_s"), 0.0)
+    began = time.perf_counter()
     for result in detect_batches(runner, paths, batch, decode, workers):
-        if started is None:                  # steady state: timed from the first batch's arrival
-            done = time.perf_counter()
-            startup = result.seconds - result.inference_seconds
-            started = done - result.inference_seconds
+        if startup is None:                  # steady state: timed from the first batch's arrival
+            startup = result.input_seconds
         else:
-            waiting += result.seconds - result.inference_seconds
-        detecting += result.inference_seconds
+            stages["input_wait_s"] += result.input_seconds
+        stages["detect_s"] += result.inference_seconds
+        stages["launch_s"] += result.launch_seconds
+        stages["finish_s"] += result.inference_seconds - result.launch_seconds
+        stages["finish_wait_s"] += result.finish_wait_seconds
         count += len(result.results)
         on_cpu, hardware = on_cpu + result.cpu_decoded, hardware + result.hardware_decoded
-    seconds = time.perf_counter() - started
-    # the stages as the consumer sees them: inside runner.detect (engine + NMS + copies back), and waiting
-    # for the next input batch (what the input path did not hide behind the engine)
+    seconds = time.perf_counter() - began - startup
+    # the stages as this thread sees them (utils.run.BatchResult): waiting for the next input batch (what the
+    # input path did not hide), launch (input copy, engine, copy of its outputs), waiting for finish (NMS and
+    # copies back, on a worker thread when the runner overlaps them with the next launch: max_in_flight > 1);
+    # detect_s = launch + finish, which overlap when in_flight > 1
     return {"images": count, "seconds": seconds, "img_per_s": count / seconds, "cpu_decoded": on_cpu,
-            "hardware_decoded": hardware, "first_batch_s": startup, "detect_s": detecting, "input_wait_s": waiting}
+            "hardware_decoded": hardware, "first_batch_s": startup, **stages, "in_flight": runner.max_in_flight}
+
+
+def stage_times(runner, images: list[Path], batch: int, workers: int, repeat: int = 10) -> dict:
+    """Milliseconds per batch, synchronised, on one batch of real inputs (decoded on the CPU, then on the
+    runner's device): launch (input copy, engine, copy of its outputs), finish (NMS, copy back), the two in
+    turn, and NMS alone (utils.postprocess.batched_multiclass_nms on the engine's real outputs; core flavour
+    only, None where NMS is inside the graph). Medians of ``repeat`` after two warm-ups."""
+    from utils.artifact import flavour_info  # noqa: PLC0415
+    from utils.pipeline import input_batches  # noqa: PLC0415
+    from utils.postprocess import batched_multiclass_nms  # noqa: PLC0415
+
+    tensor = next(iter(input_batches(images[:batch], batch, runner.spec.input_size, workers, "cpu"))).tensor
+    synchronize = lambda: None  # noqa: E731
+    if runner.takes_device_input:
+        import torch  # noqa: PLC0415
+
+        tensor, synchronize = torch.from_numpy(tensor).cuda(), torch.cuda.synchronize
+
+    def timed(step) -> tuple:
+        synchronize()
+        started = time.perf_counter()
+        value = step()
+        synchronize()
+        return time.perf_counter() - started, value
+
+    launch, finish, nms = [], [], []
+    for _ in range(repeat + 2):
+        seconds, handle = timed(lambda: runner.launch(tensor))
+        launch.append(seconds)
+        finish.append(timed(lambda: runner.finish(handle))[0])
+    outputs = (runner.run_network_on_device(tensor) if runner.takes_device_input else runner.run_network(tensor))
+    outputs = [value.clone() if runner.takes_device_input else np.array(value) for value in outputs]
+    if not flavour_info(runner.artifact.flavour).nms_inside:
+        nms = [timed(lambda: batched_multiclass_nms(*outputs, runner.spec.nms))[0] for _ in range(repeat + 2)]
+
+    def ms(times: list[float]):
+        return statistics.median(times[2:]) * 1000 if times else None
+
+    return {"batch": len(tensor), "launch_ms": ms(launch), "finish_ms": ms(finish),
+            "detect_ms": ms([a + b for a, b in zip(launch, finish)]), "nms_ms": ms(nms)}
 
 
 @contextlib.contextmanager
@@ -173,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         artifact = resolve_plan(args, "onnxruntime", 1).prepare()   # ONNX Runtime runs one file at every batch
         if args.images:
             images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+            stage_decode = "gpu" if "gpu" in map(decode_of, args.paths) else "cpu"
             for batch in batches:
                 # one runner per row: a CUDA graph is bound to its buffers
                 with plans[batch, "cpu"].open(artifact) as runner:
                     engine = batch / statistics.median(measure(runner, batch, args.seconds, 10))
                     row = {"batch": batch, "device": runner.device, "engine_img_per_s": engine}
+                # per batch, each stage alone (a runner of its own: a CUDA graph is bound to one input's buffers)
+                with plans[batch, stage_decode].open(artifact) as runner:
+                    row["stages"] = {"engine_ms": batch / engine * 1000,
+                                     **stage_times(runner, images, batch, cores)}
                 for path in args.paths:
                     decode = decode_of(path)
                     workers = 1 if path == "cpu1" else cores
@@ -194,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(f"{row['batch']:>6}{row['engine_img_per_s']:>14.0f}" + "".join(
                 f"{row[p]['img_per_s']:>13.0f}{row[p]['outside_engine'] * 100:>8.0f}%" for p in args.paths))
+        for row in rows:
+            stages = row["stages"]
+            nms = f"{stages['nms_ms']:.1f}" if stages["nms_ms"] is not None else "inside the graph"
+            print(f"batch {row['batch']} ({row['device']}), ms per batch: engine alone {stages['engine_ms']:.1f}, "
+                  f"launch {stages['launch_ms']:.1f}, NMS alone {nms}, finish (NMS + copy back) "
+                  f"{stages['finish_ms']:.1f}, launch + finish {stages['detect_ms']:.1f}")
         report = {"onnx": artifact.path.name, "flavour": artifact.flavour, "precision": artifact.precision,
                   "nhwc": args.nhwc, "cuda_graph": args.cuda_graph, "switch_interval": sys.getswitchinterval(),
                   "machine": machine, "date": date.today().isoformat(), "rows": rows}

@@ -321,6 +321,8 @@ class DetectorPool:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self.ray = ray
+        self.free_before = ray.available_resources()    # what close() waits to see free again (others may hold
+                                                         # the rest of a shared cluster)
         self.on_gpu = gpus > 0
         self.size = workers or gpus or max(1, int(resources.get("CPU", 1)))
         options = dict(num_cpus=DETECTOR_CPUS, max_restarts=-1, max_task_retries=0)
@@ -387,8 +389,8 @@ class DetectorPool:
         self.actors, self.info, self.pings, self.later = [], {}, {}, {}
         resource = "GPU" if self.on_gpu else "CPU"
         deadline = time.monotonic() + STALL_SECONDS
-        while (self.ray.available_resources().get(resource, 0) < self.ray.cluster_resources().get(resource, 0)
-               and time.monotonic() < deadline):
+        while time.monotonic() < deadline and self.ray.available_resources().get(resource, 0) < min(
+                self.free_before.get(resource, 0), self.ray.cluster_resources().get(resource, 0)):  # a node may be gone
             time.sleep(0.1)
 
 

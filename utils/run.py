@@ -14,11 +14,13 @@ The local executor opens one runner and reads, decodes and detects in this proce
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -50,10 +52,14 @@ class BatchResult:
     """One batch of inputs, in order, and how long it took."""
 
     results: list[ImageResult]
-    inference_seconds: float = 0.0         # runner.detect on the batch
-    seconds: float = 0.0                   # read + preprocess + inference, from the previous batch's end
+    inference_seconds: float = 0.0         # the runner on the batch: launch + finish (overlapping other batches')
+    seconds: float = 0.0                   # this thread, from the previous batch's end to this one's
     cpu_decoded: int = 0                   # decode gpu: files the CPU decoded instead
     hardware_decoded: int = 0              # decode gpu: files the GPU's hardware JPEG engines decoded
+    # where this thread's time went (detect_batches; the rest of ``seconds`` is the caller's own work):
+    input_seconds: float = 0.0             # waiting for the batch's input (read + decode not hidden)
+    launch_seconds: float = 0.0            # runner.launch: the engine
+    finish_wait_seconds: float = 0.0       # waiting for runner.finish (NMS, copies back) of a batch
 
     @property
     def detected(self) -> int:
@@ -88,29 +94,110 @@ def detect_rows(runner: Runner, tensor) -> list[np.ndarray]:
     """The [M, 7] detection rows of each image of a preprocessed batch (the step every executor runs)."""
     if tensor is None or not len(tensor):
         return []
-    detections, counts = runner.detect(tensor)
+    return image_rows(*runner.detect(tensor))
+
+
+def image_rows(detections: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """A runner's batch output -> the [M, 7] rows of each image."""
     return [valid_rows(detections[index], counts[index]) for index in range(len(detections))]
+
+
+@dataclass
+class _Timed:
+    """One item through ``overlapped``: the item, finish's result and the seconds of each step."""
+
+    item: object
+    result: object = None
+    input_seconds: float = 0.0
+    launch_seconds: float = 0.0
+    finish_seconds: float = 0.0
+    finish_wait_seconds: float = 0.0
+
+
+def overlapped(items: Iterable, launch: Callable, finish: Callable, in_flight: int) -> Iterator[_Timed]:
+    """finish(launch(item)) of every item, in order: launch on this thread, finish on one worker thread, with at
+    most ``in_flight`` items launched and not finished (1: both here, one item at a time). The first error,
+    in item order, is raised here; on leaving early (an error, the caller stopping), every launched item is
+    still finished, its result dropped, so that the runner holds nothing in flight afterwards."""
+    def timed(done: _Timed, handle) -> _Timed:
+        started = time.perf_counter()
+        done.result = finish(handle)
+        done.finish_seconds = time.perf_counter() - started
+        return done
+
+    def launched(item, waited: float) -> tuple[_Timed, object]:
+        done = _Timed(item, input_seconds=waited)
+        started = time.perf_counter()
+        handle = launch(item)
+        done.launch_seconds = time.perf_counter() - started
+        return done, handle
+
+    def arrivals() -> Iterator[tuple[object, float]]:
+        source = iter(items)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(source)
+            except StopIteration:
+                return
+            yield item, time.perf_counter() - started
+
+    if in_flight <= 1:
+        for item, waited in arrivals():
+            done = timed(*launched(item, waited))
+            done.finish_wait_seconds = done.finish_seconds
+            yield done
+        return
+    worker = ThreadPoolExecutor(1, thread_name_prefix="finish")
+    pending: collections.deque = collections.deque()
+
+    def oldest() -> _Timed:
+        started = time.perf_counter()
+        done = pending.popleft().result()
+        done.finish_wait_seconds = time.perf_counter() - started
+        return done
+
+    try:
+        for item, waited in arrivals():
+            ready = oldest() if len(pending) == in_flight else None     # frees its slot for this launch
+            done, handle = launched(item, waited)
+            pending.append(worker.submit(timed, done, handle))
+            if ready is not None:
+                yield ready
+        while pending:
+            yield oldest()
+    finally:
+        worker.shutdown(wait=True)
 
 
 def detect_batches(runner: Runner, files: Sequence[Path], batch_size: int, decode: str = "cpu", workers: int = 0,
                    keep_images: bool = False, keys: Sequence[str] | None = None) -> Iterator[BatchResult]:
     """Files -> BatchResult of up to ``batch_size`` inputs, in input order; unreadable files carry an error.
 
-    ``decode`` (cpu | gpu) and ``workers`` choose the input path (utils.pipeline.input_batches).
+    ``decode`` (cpu | gpu) and ``workers`` choose the input path (utils.pipeline.input_batches). Where the runner
+    allows (``max_in_flight`` > 1), its finish of batch k (NMS, copies back) overlaps the engine on batch k + 1.
     """
     keys = list(keys) if keys is not None else [str(path) for path in files]
+
+    def launch(batch):
+        return runner.launch(batch.tensor) if batch.tensor is not None and len(batch.tensor) else None
+
+    def finish(handle) -> list[np.ndarray]:
+        return [] if handle is None else image_rows(*runner.finish(handle))
+
     position = 0
     began = time.perf_counter()
-    for batch in input_batches(list(files), batch_size, runner.spec.input_size, workers, decode, keep_images):
+    batches = input_batches(list(files), batch_size, runner.spec.input_size, workers, decode, keep_images)
+    for done in overlapped(batches, launch, finish, runner.max_in_flight):
+        batch = done.item
         results = [ImageResult(item.path, keys[position + index], item.size, item.image, error=item.error,
                                cpu_reason=item.cpu_reason) for index, item in enumerate(batch.items)]
         position += len(results)
-        started = time.perf_counter()
-        rows = detect_rows(runner, batch.tensor)
-        inference = time.perf_counter() - started
-        for result, found in zip((r for r in results if r.error is None), rows):
+        for result, found in zip((r for r in results if r.error is None), done.result):
             result.rows = found
-        yield BatchResult(results, inference, time.perf_counter() - began, batch.cpu_decoded, batch.hardware_decoded)
+        yield BatchResult(results, done.launch_seconds + done.finish_seconds, time.perf_counter() - began,
+                          batch.cpu_decoded, batch.hardware_decoded, done.input_seconds, done.launch_seconds,
+                          done.finish_wait_seconds)
         began = time.perf_counter()
 
 
@@ -160,7 +247,11 @@ def open_executor(plan, artifact, workers: int = 0, ray: str | None = None, ray_
         return
     from utils.distributed import RayExecutor  # noqa: PLC0415
 
-    yield RayExecutor(plan, artifact, None if ray == "local" else ray, ray_workers, fresh)
+    executor = RayExecutor(plan, artifact, None if ray == "local" else ray, ray_workers, fresh)
+    try:
+        yield executor
+    finally:
+        executor.close()                 # the actor pool ends with the run (GPUs given back)
 
 
 def coco_results(path: Path, rows: np.ndarray, size: tuple[int, int], threshold: float,

@@ -59,6 +59,23 @@ class Runner(abc.ABC):
     def detect(self, batch) -> tuple[np.ndarray, np.ndarray]:
         """Run the model on one batch."""
 
+    # detect in two steps, for utils.run.detect_batches: launch (the engine) on the calling thread, finish (NMS,
+    # copies back) possibly on another, so that finish of batch k overlaps the engine on batch k + 1
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many batches may be launched and not yet finished; 1: detect_batches runs detect, one batch at a
+        time. Above 1, ``finish`` calls come in launch order, one at a time, from one other thread."""
+        return 1
+
+    def launch(self, batch):
+        """Start one batch; the handle goes to ``finish``. Here: nothing started early."""
+        return batch
+
+    def finish(self, handle) -> tuple[np.ndarray, np.ndarray]:
+        """``detect``'s result for a launched batch."""
+        return self.detect(handle)
+
     def close(self) -> None:
         """Free what the runner holds and save its caches."""
 

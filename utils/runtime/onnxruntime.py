@@ -8,12 +8,15 @@ session's device. On CUDA, ``cuda_graph=True`` captures a CUDA graph (ONNX Runti
 enable_cuda_graph): batches are then padded to max_batch_size so that the shapes and addresses
 never change. On CUDA, ``detect`` also takes a torch CUDA tensor (``--decode gpu``: DALI's or nvJPEG's
 batch): its buffers are then torch tensors bound by address, the core flavour's NMS runs on the GPU and
-only the detections come back, through pinned host buffers.
+only the detections come back, through pinned host buffers. ``detect`` is ``finish(launch(batch))``: on CUDA
+utils.run.detect_batches runs finish (NMS, copies back) of batch k on a worker thread while launch runs the
+engine on batch k + 1 (max_in_flight = RING; the engine's outputs wait in a ring of RING device slots).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -68,8 +71,28 @@ class HostBinding:
         return [value.numpy()[:count] for value in self.outputs.values()]
 
 
+RING = 2   # launched, unfinished device batches: the engine on batch k + 1 while batch k's NMS runs
+
+
+@dataclass
+class Launched:
+    """A batch whose engine run is done: its outputs (host arrays, or CUDA tensors in one of the ring's
+    slots, written on the launching stream before ``ready``)."""
+
+    outputs: list
+    owner: DeviceBinding | None = None    # the GPU binding whose ring slot holds the outputs
+    slot: int = 0
+    ready: object = None                  # torch.cuda.Event recorded after the copies into the slot
+
+
 class DeviceBinding:
-    """One batch size, input already on the GPU: torch-allocated buffers bound to the session by address."""
+    """One batch size, input already on the GPU: torch-allocated buffers bound to the session by address.
+
+    ``launch`` runs the engine and copies its outputs into one of RING slots (the bound outputs are fixed,
+    e.g. by a CUDA graph, and rewritten by the next run); ``finish`` runs NMS and the copies back on its own
+    non-blocking stream (never the legacy default stream, which would serialise with the launching thread's
+    work), after the slot's copies, and frees the slot.
+    """
 
     def __init__(self, session: ort.InferenceSession, input_shape: list[int],
                  outputs: dict[str, tuple[list[int], type]]):
@@ -85,6 +108,10 @@ class DeviceBinding:
         self.binding.bind_input(INPUT, "cuda", device, np.float32, input_shape, self.input.data_ptr())
         for name, (shape, dtype) in outputs.items():
             self.binding.bind_output(name, "cuda", device, dtype, shape, self.outputs[name].data_ptr())
+        self.ring = [None] * RING           # slots made on first use
+        self.busy = [False] * RING
+        self.launches = 0
+        self.stream = torch.cuda.Stream(self.input.device)     # finish: a pool stream, non-blocking
 
     def run(self, batch) -> list:
         """Outputs for the CUDA tensor ``batch`` (padded with zeros), as CUDA tensors (views, valid
@@ -96,6 +123,33 @@ class DeviceBinding:
         self.torch.cuda.current_stream().synchronize()     # ONNX Runtime runs on its own stream
         self.session.run_with_iobinding(self.binding)       # returns once its outputs are written
         return [value[:count] for value in self.outputs.values()]
+
+    def launch(self, batch) -> Launched:
+        """Run the engine on ``batch`` and copy its outputs into the next ring slot (on this thread's stream)."""
+        outputs = self.run(batch)
+        slot = self.launches % RING
+        if self.busy[slot]:
+            raise RuntimeError(f"more than {RING} batches launched and not finished")
+        if self.ring[slot] is None:
+            self.ring[slot] = [self.torch.empty_like(value) for value in self.outputs.values()]
+        self.busy[slot], self.launches = True, self.launches + 1
+        kept = [ring[:len(value)].copy_(value) for ring, value in zip(self.ring[slot], outputs)]
+        ready = self.torch.cuda.Event()
+        ready.record()
+        return Launched(kept, self, slot, ready)
+
+    def finish(self, launched: Launched, nms) -> list[np.ndarray]:
+        """NMS (when ``nms``, an NmsSpec) and the copies back of a launched batch, on this binding's stream."""
+        try:
+            with self.torch.cuda.stream(self.stream):
+                self.stream.wait_event(launched.ready)
+                outputs = launched.outputs
+                if nms is not None:
+                    outputs = batched_multiclass_nms(*outputs, nms)
+                return self.to_host(outputs)
+        finally:
+            self.stream.synchronize()       # nothing reads the slot any more (also after an error)
+            self.busy[launched.slot] = False
 
     def to_host(self, values) -> list[np.ndarray]:
         """CUDA tensors (the detections) -> numpy copies, through pinned buffers kept per shape: one
@@ -191,17 +245,32 @@ class OnnxRuntimeRunner(Runner):
         """The graph's outputs, as CUDA tensors, for a batch that is a CUDA torch tensor."""
         return self.binding(len(batch), on_device=True).run(batch)
 
-    def detect(self, batch) -> tuple[np.ndarray, np.ndarray]:
-        on_device = not isinstance(batch, np.ndarray)
-        outputs = self.run_network_on_device(batch) if on_device else self.run_network(batch)
-        if not flavour_info(self.flavour).nms_inside:
-            outputs = batched_multiclass_nms(*outputs, self.spec.nms)
-        # copies: the bound output buffers are reused by the next run
-        if on_device:
-            detections, num_detections = self.binding(len(batch), on_device=True).to_host(outputs)
-        else:
-            detections, num_detections = (np.array(value) for value in outputs)
+    @property
+    def max_in_flight(self) -> int:
+        """On CUDA, RING: the engine runs batch k + 1 while batch k's NMS and copies back run on another
+        thread (utils.run.detect_batches); on the CPU one batch at a time (both would share the same cores)."""
+        return RING if self.device == "CUDA" else 1
+
+    def launch(self, batch) -> Launched:
+        """The engine on one batch (numpy, or a CUDA torch tensor): its outputs kept apart from the bound
+        buffers, which the next run rewrites (a ring slot on the GPU; a host copy)."""
+        if not isinstance(batch, np.ndarray):
+            return self.binding(len(batch), on_device=True).launch(batch)
+        outputs = self.run_network(batch)          # CUDA: copied to the host; CPU: views of the bound outputs
+        return Launched(outputs if self.device == "CUDA" else [np.array(value) for value in outputs])
+
+    def finish(self, launched: Launched) -> tuple[np.ndarray, np.ndarray]:
+        """NMS (core flavour) and the detections on the host, for a launched batch."""
+        nms = None if flavour_info(self.flavour).nms_inside else self.spec.nms
+        if launched.owner is not None:
+            detections, num_detections = launched.owner.finish(launched, nms)
+            return detections, num_detections
+        outputs = launched.outputs if nms is None else batched_multiclass_nms(*launched.outputs, nms)
+        detections, num_detections = outputs
         return detections, num_detections
+
+    def detect(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        return self.finish(self.launch(batch))
 
     def settings(self) -> list[str]:
         return super().settings() + (["  * CUDA graph - on"] if self.cuda_graph else [])
