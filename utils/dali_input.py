@@ -42,7 +42,11 @@ from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImag
 from utils.preprocess import PIXEL_SCALE
 
 DALI_THREADS = int(os.environ.get("SSD_DALI_THREADS", "8"))    # DALI's CPU threads (decode setup, Huffman)
-HW_DECODER_LOAD = 0.9        # share of the JPEG data sent to the hardware engines (the rest: nvJPEG on CUDA)
+# share of the JPEG data sent to the hardware engines (the rest: nvJPEG on CUDA); $SSD_DALI_HW_LOAD overrides
+HW_DECODER_LOAD = float(os.environ.get("SSD_DALI_HW_LOAD", "0.9"))
+# libjpeg's ("fancy") chroma upsampling, as Pillow decodes: the pixels of the CPU path; $SSD_DALI_FANCY=0 leaves the
+# choice to nvJPEG (benchmarks/README.md: speed and AP of both)
+FANCY_UPSAMPLING = os.environ.get("SSD_DALI_FANCY", "1") != "0"
 DALI_PREFETCH = 2            # batches DALI works on ahead of the one handed out
 ENCODED = "encoded"          # the external source's name
 
@@ -98,7 +102,7 @@ def build_pipeline(device: str, batch_size: int, input_size: tuple[int, int], *,
         encoded = fn.external_source(source=source, batch=True, name=ENCODED, dtype=types.UINT8, ndim=1)
         if device == "gpu":
             images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, adjust_orientation=True,
-                                       hw_decoder_load=hw_decoder_load, jpeg_fancy_upsampling=True)
+                                       hw_decoder_load=hw_decoder_load, jpeg_fancy_upsampling=FANCY_UPSAMPLING)
         else:
             images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=True)
         outputs = (network_input(images, input_size, layout), images.shape())
@@ -130,6 +134,7 @@ class DaliImageLoader:
         self.workers, self.num_threads, self.prefetch = max(1, workers), num_threads, prefetch
         self._pipelines: dict[int, tuple[object, deque, list]] = {}    # batch size -> (pipeline, pending, source)
         self._single = None
+        self._stream = None          # the CUDA stream the GPU batches are assembled on (made on first use)
 
     # --- the public entry points --------------------------------------------------------------
 
@@ -273,6 +278,21 @@ class DaliImageLoader:
         return results
 
     def _batch(self, group: list[_Item], outputs) -> InputBatch:
+        """``_assembled`` on the GPU: on this loader's own CUDA stream, waited for before the batch is handed
+        out. Never on the legacy default stream: a consumer synchronising that stream would also wait for the
+        next batch's decode queued on it (measured on the H200: the engine's run took twice its time)."""
+        if self.device != "gpu":
+            return self._assembled(group, outputs)
+        import torch  # noqa: PLC0415
+
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=f"cuda:{self.device_id}")     # a pool stream: non-blocking
+        with torch.cuda.stream(self._stream):
+            batch = self._assembled(group, outputs)     # DLPack makes this stream wait for DALI's
+        self._stream.synchronize()                      # this producer thread waits, not the engine's
+        return batch
+
+    def _assembled(self, group: list[_Item], outputs) -> InputBatch:
         """The InputBatch of a group: DALI's outputs (one batch, or a list of one-image outputs) for its DALI
         items, the CPU path's tensors for the others, in input order."""
         on_dali = [item for item in group if item.loaded is None]

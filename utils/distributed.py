@@ -439,6 +439,7 @@ class ShardStore:
         self.folder = Path(folder)
         self.key = key
         self.complete: dict[int, dict] = {}   # block -> {"seconds", "hardware", "where"} of its detector call
+        self.saved: dict[int, list[Record]] = {}   # block -> its records, for the blocks this run saved
         self.num_classes = 0
         manifest = self.folder / MANIFEST
         if manifest.is_file():
@@ -456,6 +457,7 @@ class ShardStore:
         if block in self.complete:
             return
         write_records(self.shard_path(block), records)
+        self.saved[block] = records
         self.complete[block] = made
         self.num_classes = num_classes
         write_text_atomic(self.folder / MANIFEST, json.dumps(
@@ -465,7 +467,8 @@ class ShardStore:
         """All records in input order, written to ``detections.npz``; checks each input appears once."""
         records = []
         for block, indices in enumerate(blocks):
-            shard = read_records(self.shard_path(block))
+            # this run's blocks from memory (what was written), earlier runs' from their shard files
+            shard = self.saved[block] if block in self.saved else read_records(self.shard_path(block))
             if [r.index for r in shard] != list(indices):
                 raise UserError(f"shard {self.shard_path(block)} does not hold inputs {indices.start}..{indices.stop - 1}; "
                                 f"delete {self.folder} and run again")

@@ -112,15 +112,20 @@ class DeviceBinding:
         self.busy = [False] * RING
         self.launches = 0
         self.stream = torch.cuda.Stream(self.input.device)     # finish: a pool stream, non-blocking
+        self.launch_stream = torch.cuda.Stream(self.input.device)   # launch: the input and ring copies
 
     def run(self, batch) -> list:
         """Outputs for the CUDA tensor ``batch`` (padded with zeros), as CUDA tensors (views, valid
         until the next run)."""
         count = len(batch)
-        self.input[:count].copy_(batch)
-        if count < len(self.input):
-            self.input[count:].zero_()
-        self.torch.cuda.current_stream().synchronize()     # ONNX Runtime runs on its own stream
+        with self.torch.cuda.stream(self.launch_stream):
+            # after whatever the caller queued on its current stream (a batch made there); the DALI loader hands
+            # out batches already complete on a stream of its own, so nothing of its next batch is waited for
+            self.launch_stream.wait_stream(self.torch.cuda.default_stream(self.input.device))
+            self.input[:count].copy_(batch)
+            if count < len(self.input):
+                self.input[count:].zero_()
+        self.launch_stream.synchronize()                    # ONNX Runtime runs on its own stream
         self.session.run_with_iobinding(self.binding)       # returns once its outputs are written
         return [value[:count] for value in self.outputs.values()]
 
@@ -133,9 +138,10 @@ class DeviceBinding:
         if self.ring[slot] is None:
             self.ring[slot] = [self.torch.empty_like(value) for value in self.outputs.values()]
         self.busy[slot], self.launches = True, self.launches + 1
-        kept = [ring[:len(value)].copy_(value) for ring, value in zip(self.ring[slot], outputs)]
-        ready = self.torch.cuda.Event()
-        ready.record()
+        with self.torch.cuda.stream(self.launch_stream):
+            kept = [ring[:len(value)].copy_(value) for ring, value in zip(self.ring[slot], outputs)]
+            ready = self.torch.cuda.Event()
+            ready.record(self.launch_stream)
         return Launched(kept, self, slot, ready)
 
     def finish(self, launched: Launched, nms) -> list[np.ndarray]:
