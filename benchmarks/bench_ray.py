@@ -40,12 +40,15 @@ def repeated(paths: list[Path], count: int) -> list[Path]:
     return paths * max(1, math.ceil(count / len(paths)))
 
 
-def timed(executor, paths: list[Path], keys: list[str]) -> float:
-    """Seconds of one pass over ``paths`` through an opened executor; Ray shards are removed afterwards."""
+def timed(executor, paths: list[Path], keys: list[str], stages: list | None = None) -> float:
+    """Seconds of one pass over ``paths`` through an opened executor; Ray shards are removed afterwards, and the
+    Ray driver's timeline of the pass (executor.stages) is appended to ``stages``."""
     started = time.perf_counter()
     for _ in executor.batches(paths, keys):
         pass
     seconds = time.perf_counter() - started
+    if stages is not None and getattr(executor, "stages", None):
+        stages.append({**executor.stages, "total_s": seconds})
     folder = getattr(executor, "folder", None)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -53,11 +56,13 @@ def timed(executor, paths: list[Path], keys: list[str]) -> float:
 
 
 def measure(executor, paths: list[Path], repeats: int) -> dict:
-    """Warm-up pass, then the median of ``repeats`` passes."""
+    """Warm-up pass, then the median of ``repeats`` passes (and, on Ray, the driver's timeline of each)."""
     keys = [str(index) for index in range(len(paths))]
     warmup = timed(executor, paths, keys)
-    seconds = [timed(executor, paths, keys) for _ in range(repeats)]
-    return {"images_per_s": len(paths) / statistics.median(seconds), "seconds": seconds, "warmup_seconds": warmup}
+    stages: list = []
+    seconds = [timed(executor, paths, keys, stages) for _ in range(repeats)]
+    report = {"images_per_s": len(paths) / statistics.median(seconds), "seconds": seconds, "warmup_seconds": warmup}
+    return {**report, "driver_stages": stages} if stages else report
 
 
 def actor_counts(text: str) -> list[int]:
@@ -124,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in counts:
         name = f"ray_{n}"
         print(f"{name:<10} {rows[name]['images_per_s']:>9.1f} {scaling[name]:>8.2f}x {efficiency[name]:>9.0%}")
+        for stage in rows[name].get("driver_stages", [])[-1:]:     # where the run's fixed cost goes
+            print(f"{'':<10} driver: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in stage.items()))
     print(f"ray_{base} / single: {one / single:.0%} ({len(paths)} images, batch {args.batch_size}, decode "
           f"{plan.decode}, {'GPU' if gpus else 'CPU'} actors, median of {args.repeats})")
     write_json(args.out, {

@@ -29,7 +29,7 @@ import threading
 import time
 import zipfile
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -82,6 +82,7 @@ class DistributedRun:
     inference_seconds: float          # summed over the detector calls that made the shards
     folder: Path
     hardware_decoded: int = 0         # decode gpu: files the GPUs' hardware JPEG engines decoded
+    stages: dict = field(default_factory=dict)   # the driver's timeline in seconds (see run())
 
 
 def import_ray() -> ModuleType:
@@ -559,13 +560,19 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Pa
         pool: DetectorPool) -> DistributedRun:
     """Detect on every input through ``pool`` (connect() first); skips the blocks a previous run completed."""
     ray = import_ray()
+    started = time.perf_counter()
     blocks = _blocks(len(paths), block_size(plan, pool.on_gpu))
     store = ShardStore(folder, run_key)
     todo = deque(block for block in range(len(blocks)) if block not in store.complete)
     hardware = 0
+    # the driver's timeline: until the first block result, the dispatch loop in all, the shard writes inside
+    # it, the merge after it (where a run's fixed cost goes: benchmarks/bench_ray.py reports it)
+    stages = {"first_result_s": 0.0, "dispatch_s": 0.0, "save_s": 0.0, "merge_s": 0.0}
 
     def save(block: int, result: dict) -> None:
         nonlocal hardware
+        began = time.perf_counter()
+        stages["first_result_s"] = stages["first_result_s"] or began - started
         records = [Record(i, keys[i], str(paths[i]), tuple(meta["size"]) if meta["size"] else None,
                           rows if meta["error"] is None else None, meta["error"], meta["cpu_reason"])
                    for i, meta, rows in zip(blocks[block], result["meta"],
@@ -574,15 +581,21 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Pa
             hardware += result["hardware"]
         store.save(block, records, int(result["num_classes"]),
                    {"seconds": result["seconds"], "hardware": result["hardware"], "where": result["where"]})
+        stages["save_s"] += time.perf_counter() - began
 
     if todo:
         pool.wait_ready(1)
+        dispatched = time.perf_counter()
         given_up = _Dispatch(ray, pool, plan, artifact, paths).run(todo, blocks, save)
+        stages["dispatch_s"] = time.perf_counter() - dispatched
         if given_up:
             raise UserError(f"{len(given_up)} blocks failed {ATTEMPTS} times on the Ray cluster; run again to resume "
                             f"from {folder}")
-    return DistributedRun(store.merge(blocks), store.num_classes,
-                          sum(made["seconds"] for made in store.complete.values()), store.folder, hardware)
+    merging = time.perf_counter()
+    records = store.merge(blocks)
+    stages["merge_s"] = time.perf_counter() - merging
+    return DistributedRun(records, store.num_classes, sum(made["seconds"] for made in store.complete.values()),
+                          store.folder, hardware, stages)
 
 
 class RayExecutor:
@@ -594,6 +607,7 @@ class RayExecutor:
         self.plan, self.artifact, self.address, self.workers, self.fresh = plan, artifact, address, workers, fresh
         self.folder: Path | None = None
         self.pool: DetectorPool | None = None
+        self.stages: dict = {}          # the last run's driver timeline (seconds), for benchmarks
         self.name = "Ray"
 
     def settings(self) -> list[str]:
@@ -629,7 +643,9 @@ class RayExecutor:
         self.folder = run_folder(self.plan.workspace, key)
         if self.fresh:
             shutil.rmtree(self.folder, ignore_errors=True)
+        keyed = time.perf_counter()
         done = run(keys, paths, self.plan, self.artifact, self.folder, key, pool)
+        self.stages = {"key_s": keyed - started, **done.stages}     # the last run's driver timeline
         results = [ImageResult(Path(record.path), record.key, record.size, rows=record.rows, error=record.error,
                                cpu_reason=record.cpu_reason) for record in done.records]
         yield BatchResult(results, done.inference_seconds, time.perf_counter() - started,
