@@ -186,3 +186,30 @@ def test_detect_batches_reports_its_stages(core_runner, voc_batches):
         assert 0 < batch.launch_seconds <= batch.inference_seconds
         assert batch.input_seconds >= 0 and batch.finish_wait_seconds > 0
         assert batch.input_seconds + batch.launch_seconds + batch.finish_wait_seconds <= batch.seconds
+
+
+def test_produced_ahead_keeps_order_raises_in_turn_and_closes_the_producer_on_early_stop():
+    from utils.pipeline import produced_ahead
+
+    closed = []
+
+    def produce():
+        try:
+            for index in range(100):
+                if index == 7:
+                    raise ValueError("item 7")
+                yield index
+        finally:
+            closed.append(threading.current_thread().name)
+
+    got = []
+    with pytest.raises(ValueError, match="item 7"):
+        for item in produced_ahead(produce, 2, "ahead"):
+            got.append(item)
+    assert got == list(range(7)) and closed == ["ahead"]
+
+    closed.clear()
+    items = produced_ahead(produce, 2, "ahead")
+    assert [next(items), next(items)] == [0, 1]
+    items.close()                                   # the caller stops early: produce() is closed in its thread
+    assert closed == ["ahead"]

@@ -24,21 +24,18 @@ Imported only when DALI is used (``--decode gpu`` with nvidia-dali installed, or
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from utils.jpeg import JpegHeader, read_encoded, read_jpeg_header
-from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, load_one
+from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, load_one, produced_ahead
 from utils.preprocess import PIXEL_SCALE
 
 DALI_THREADS = int(os.environ.get("SSD_DALI_THREADS", "8"))    # DALI's CPU threads (decode setup, Huffman)
@@ -158,7 +155,7 @@ class DaliImageLoader:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="read") as pool:
                 yield from self._decode_groups(groups(pool), batch_size)
 
-        return self._handed_out(produce)
+        return produced_ahead(produce, PREFETCH_BATCHES, "dali")
 
     def encoded_batches(self, batches: Iterable[Sequence[tuple[str | os.PathLike, object]]],
                         batch_size: int) -> Iterator[InputBatch]:
@@ -170,7 +167,7 @@ class DaliImageLoader:
             groups = ([self._item(Path(name), data) for name, data in batch] for batch in batches)
             yield from self._decode_groups(groups, batch_size)
 
-        return self._handed_out(produce)
+        return produced_ahead(produce, PREFETCH_BATCHES, "dali")
 
     def decode_encoded(self, items: Sequence[tuple[str | os.PathLike, object]]) -> InputBatch:
         """One InputBatch of (name, encoded bytes) pairs, decoded now (encoded_batches of one batch)."""
@@ -374,36 +371,3 @@ class DaliImageLoader:
         if dali_slots:
             stacked[torch.tensor(dali_slots, device=stacked.device)] = dali
         return stacked
-
-    # --- handing out --------------------------------------------------------------------------
-
-    def _handed_out(self, produce) -> Iterator[InputBatch]:
-        """Run ``produce`` in a producer thread, PREFETCH_BATCHES finished batches ahead of the caller."""
-        ready: Queue = Queue(maxsize=PREFETCH_BATCHES)
-        stop = threading.Event()
-
-        def run() -> None:
-            try:
-                with contextlib.closing(produce()) as produced:
-                    for built in produced:
-                        if stop.is_set():
-                            break
-                        ready.put(built)
-                ready.put(None)
-            except BaseException as error:      # noqa: BLE001  (handed to the consumer)
-                ready.put(error)
-
-        producer = threading.Thread(target=run, name="dali", daemon=True)
-        producer.start()
-        try:
-            while (item := ready.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while producer.is_alive():
-                try:
-                    ready.get(timeout=0.1)
-                except Exception:  # noqa: BLE001  (queue.Empty)
-                    pass

@@ -18,12 +18,11 @@ from the CPU path is the decoder's.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
 from typing import Iterator, Sequence
 
 import array_api_compat
@@ -33,7 +32,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from utils.jpeg import JpegHeader, orient, read_encoded, read_jpeg_header
-from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, load_one
+from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, load_one, produced_ahead
 from utils.preprocess import PIXEL_SCALE, legacy_taps
 
 # Reader threads: more only add GIL contention with the decode thread and the caller (benchmarks/README.md).
@@ -275,37 +274,18 @@ class GpuImageLoader:
         return self._produced(self._reads, list(paths), batch_size)
 
     def _produced(self, reads, paths: list[Path], batch_size: int) -> Iterator[InputBatch]:
-        """The nvJPEG path's producer thread over ``reads(pool, paths, batch_size)`` (lists of _Read)."""
-        ready: Queue = Queue(maxsize=PREFETCH_BATCHES)
-        stop = threading.Event()
+        """The nvJPEG path's producer thread over ``reads(pool, paths, batch_size)`` (lists of _Read), on this
+        loader's CUDA stream; each batch complete before it is handed out."""
+        def produce() -> Iterator[InputBatch]:
+            with ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="read") as pool, \
+                    torch.cuda.stream(self.stream):
+                for group in reads(pool, paths, batch_size):
+                    built = self._to_batch(group)
+                    self.stream.synchronize()
+                    yield built
 
-        def produce() -> None:
-            try:
-                with ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="read") as pool, \
-                        torch.cuda.stream(self.stream):
-                    for group in reads(pool, paths, batch_size):
-                        if stop.is_set():
-                            break
-                        built = self._to_batch(group)
-                        self.stream.synchronize()
-                        ready.put(built)
-                ready.put(None)
-            except BaseException as error:      # noqa: BLE001  (handed to the consumer)
-                ready.put(error)
-
-        producer = threading.Thread(target=produce, name="gpu-decode", daemon=True)
-        producer.start()
-        try:
-            while (item := ready.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
+        with contextlib.closing(produced_ahead(produce, PREFETCH_BATCHES, "gpu-decode")) as batches:
+            for item in batches:
                 if item.tensor is not None:
                     item.tensor.record_stream(torch.cuda.current_stream(self.device))
                 yield item
-        finally:
-            stop.set()
-            while producer.is_alive():
-                try:
-                    ready.get(timeout=0.1)
-                except Exception:  # noqa: BLE001  (queue.Empty)
-                    pass

@@ -16,6 +16,7 @@ in use stays under PREFETCH_BYTES.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -23,6 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -159,6 +161,40 @@ class InputBatch:
     cpu_decoded: int = 0                  # decode gpu: files the CPU path decoded instead
     cpu_reasons: list[str] = field(default_factory=list)
     hardware_decoded: int = 0             # decode gpu: files the GPU's hardware JPEG engines decoded
+
+
+def produced_ahead(produce: Callable[[], Iterator], depth: int, name: str) -> Iterator:
+    """The items of the generator ``produce()``, made in a producer thread (``name``) up to ``depth`` ahead of
+    the caller. An error in the producer is raised here, in its turn; when the caller stops early the producer
+    stops after the item in hand and ``produce()`` is closed there (its ``with`` blocks exit in its thread)."""
+    ready: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            with contextlib.closing(produce()) as produced:
+                for built in produced:
+                    if stop.is_set():
+                        break
+                    ready.put(built)
+            ready.put(None)
+        except BaseException as error:      # noqa: BLE001  (handed to the consumer)
+            ready.put(error)
+
+    producer = threading.Thread(target=run, name=name, daemon=True)
+    producer.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():          # unblock a producer waiting on a full queue
+            try:
+                ready.get(timeout=0.1)
+            except Empty:
+                pass
 
 
 def gpu_decoder_installed() -> bool:
