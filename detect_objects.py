@@ -55,7 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: the file stem when it is all digits, else a stable integer with file_name)")
     cli.add_ray_args(parser)
     args = parser.parse_args(argv)
-    cli.check_decode_arg(parser, args)
     if not 0.0 <= args.threshold <= 1.0:
         parser.error("--threshold must be between 0 and 1")
     if args.coco_annotations and not args.json:

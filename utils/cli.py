@@ -93,16 +93,10 @@ def add_decode_arg(parser: argparse.ArgumentParser) -> None:
     from utils.pipeline import DECODE_CHOICES  # noqa: PLC0415
 
     parser.add_argument("--decode", choices=DECODE_CHOICES, default="auto",
-                        help="where JPEGs are decoded and resized: cpu (Pillow + numpy, threads), gpu (nvJPEG on "
-                             "the GPU's hardware engines via nvImageCodec, else on CUDA via torchvision; resize and "
-                             "NMS on the GPU, the batch handed to the engine on the device; needs the onnxruntime "
-                             "backend on CUDA), auto (default: gpu when both are there, else cpu)")
-
-
-def check_decode_arg(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--decode gpu needs this process: Ray's workers decode on the CPU."""
-    if getattr(args, "ray", None) and args.decode == "gpu":
-        parser.error("--decode gpu runs in this process; Ray workers decode on the CPU (drop --decode gpu or --ray)")
+                        help="where JPEGs are decoded and resized: cpu (Pillow + numpy, threads), gpu (NVIDIA DALI "
+                             "when installed, else nvJPEG via nvImageCodec or torchvision; resize and NMS on the GPU, "
+                             "the batch handed to the engine on the device; onnxruntime on CUDA or tensorrt; with --ray "
+                             "each GPU actor decodes on its GPU), auto (default: gpu when both are there, else cpu)")
 
 
 def add_trt_args(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +131,6 @@ def check_evaluation_args(parser: argparse.ArgumentParser, args: argparse.Namesp
     """The checks and defaults that go with add_evaluation_args (and --limit)."""
     from utils.pipeline import default_workers  # noqa: PLC0415
 
-    check_decode_arg(parser, args)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
     if args.workers is None:
