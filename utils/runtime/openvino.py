@@ -13,6 +13,8 @@ with the LATENCY hint (benchmarks/README.md). ``core`` is followed by utils.post
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import openvino as ov
 
@@ -24,8 +26,10 @@ from utils.runtime.base import Runner, RuntimeOptions
 PRECISION_HINTS = {"FP32": "f32", "BF16": "bf16", "INT8": "f32"}
 
 
+@functools.cache
 def supports_bf16() -> bool:
-    """The CPU has native BF16 arithmetic (OpenVINO's CPU plugin lists BF16 among its capabilities)."""
+    """The CPU has native BF16 arithmetic (OpenVINO's CPU plugin lists BF16 among its capabilities); asked once
+    per process (it loads the CPU plugin)."""
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
