@@ -35,7 +35,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from utils.jpeg import JpegHeader, read_encoded, read_jpeg_header
-from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, load_one, produced_ahead
+from utils.pipeline import (KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, chunked, load_one, produced_ahead,
+                            read_ahead)
 from utils.preprocess import PIXEL_SCALE
 
 DALI_THREADS = int(os.environ.get("SSD_DALI_THREADS", "8"))    # DALI's CPU threads (decode setup, Huffman)
@@ -139,21 +140,15 @@ class DaliImageLoader:
         """InputBatch of up to ``batch_size`` files, in input order; files are read ahead by reader threads,
         DALI decodes ahead of the caller (DALI_PREFETCH batches) and a producer thread hands out
         PREFETCH_BATCHES finished batches while the caller runs the engine on the one before."""
-        paths = [Path(path) for path in paths]
+        return self.grouped_batches(chunked([Path(path) for path in paths], batch_size), batch_size)
 
-        def groups(pool: ThreadPoolExecutor) -> Iterator[list[_Item]]:
-            window = [pool.submit(self._read, path) for path in paths[:batch_size * PREFETCH_BATCHES]]
-            submitted = len(window)
-            while window:
-                batch, window = window[:batch_size], window[batch_size:]
-                more = paths[submitted:submitted + len(batch)]
-                window.extend(pool.submit(self._read, path) for path in more)
-                submitted += len(more)
-                yield [future.result() for future in batch]
-
+    def grouped_batches(self, groups: Iterable[Sequence[Path]], batch_size: int) -> Iterator[InputBatch]:
+        """InputBatch of each group of up to ``batch_size`` files, in order, as ``batches``; ``groups`` may be a
+        stream that grows while it is read, as long as asking it for the next group does not block (it ends
+        instead: DALI asks for groups ahead of the one it hands out)."""
         def produce() -> Iterator[InputBatch]:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="read") as pool:
-                yield from self._decode_groups(groups(pool), batch_size)
+                yield from self._decode_groups(read_ahead(groups, self._read, pool, PREFETCH_BATCHES), batch_size)
 
         return produced_ahead(produce, PREFETCH_BATCHES, "dali")
 

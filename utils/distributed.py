@@ -17,18 +17,19 @@ the blocks the manifest lists. The merged ``detections.npz`` holds every input o
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
-import io
 import json
 import logging
 import os
-import queue
 import socket
 import sys
 import threading
 import time
 import zipfile
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -38,7 +39,8 @@ import numpy as np
 
 from utils.artifact import Artifact
 from utils.errors import EXIT_USAGE, UserError
-from utils.files import os_reason, write_bytes_atomic, write_text_atomic
+from utils.files import atomic_path, os_reason, write_text_atomic
+from utils.pipeline import InputBatch, chunked
 from utils.run import BatchResult, ImageResult
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,8 @@ ATTEMPTS = 3              # a block whose detector call fails this often (not co
 STALL_SECONDS = 120       # no block finished and no actor came up this long: the run stops (run again to resume)
 DETECTOR_CPUS = 0.5       # a detector reserves half a CPU: one actor per CPU leaves room for the read tasks
 READ_CPUS = 0.25          # a read task (decode and preprocess one batch on the CPU)
-BLOCK_BATCHES = int(os.environ.get("SSD_RAY_BLOCK_BATCHES", "4"))       # GPU clusters: batches per block
-GPU_CONCURRENCY = int(os.environ.get("SSD_RAY_GPU_CONCURRENCY", "2"))   # blocks a GPU actor works on at once (one
-                                                                         # decodes while the other detects)
-IN_FLIGHT = 3             # blocks given to one actor at a time: those running, the next one read ahead
+BLOCK_BATCHES = int(os.environ.get("SSD_RAY_BLOCK_BATCHES", "2"))       # GPU clusters: batches per block
+IN_FLIGHT = 3             # blocks given to one actor at a time: one in its stream, the next ones queued behind it
 PROBE_TIMEOUT_S = 5       # a cluster address must accept a connection within this
 CONNECT_TIMEOUT_S = 20    # and Ray must have joined it within this
 ROW_FIELDS = 7
@@ -192,15 +192,16 @@ def _blocks(count: int, size: int) -> list[range]:
 # --- the work: read tasks and detector actors ---------------------------------------------------------
 
 
-def _read_batch(paths: list[str], input_size: tuple[int, int]) -> dict:
+def _read_batch(paths: list[str], input_size: tuple[int, int]) -> InputBatch:
     """Ray task: read and preprocess one batch of images on a CPU (utils.pipeline.load_one)."""
     from utils.pipeline import load_one  # noqa: PLC0415
 
     width, height = input_size
     loaded = [load_one(Path(path), (width, height)) for path in paths]
     tensors = [item.tensor for item in loaded if item.tensor is not None]
-    return {"tensor": np.stack(tensors) if tensors else None,
-            "meta": [{"size": item.size, "error": item.error, "cpu_reason": None} for item in loaded]}
+    for item in loaded:
+        item.tensor = None                       # the batch tensor holds the pixels
+    return InputBatch(loaded, np.stack(tensors) if tensors else None)
 
 
 def _pin_gpu() -> list[str]:
@@ -215,39 +216,124 @@ def _pin_gpu() -> list[str]:
 
 
 class _Block:
-    """The outcome of one block in an actor: per input its size, error and detection rows."""
+    """One block in an actor's stream: its parts (batches: lists of files, or InputBatch that CPU tasks
+    decoded), what came out of them so far, and the future its call waits on."""
 
-    def __init__(self):
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.future: Future = Future()
+        self.reset()
+
+    def reset(self) -> None:
         self.meta: list[dict] = []
         self.rows: list[np.ndarray] = []
         self.seconds = 0.0
         self.hardware = 0
+        self.left = len(self.parts)
+        self.started = 0.0                   # wall clock, when its first part went into the stream
 
-    def add(self, meta: list[dict], found: list[np.ndarray]) -> None:
+    def add(self, batch: InputBatch, found: list[np.ndarray], seconds: float) -> None:
+        """One part's InputBatch and the rows of its readable images."""
         found = iter(found)
-        for item in meta:
-            rows = next(found) if item["error"] is None else np.zeros((0, ROW_FIELDS), np.float32)
-            self.meta.append(item)
+        for item in batch.items:
+            rows = next(found) if item.error is None else np.zeros((0, ROW_FIELDS), np.float32)
+            self.meta.append({"size": item.size, "error": item.error, "cpu_reason": item.cpu_reason})
             self.rows.append(np.asarray(rows, np.float32).reshape(-1, ROW_FIELDS))
+        self.seconds += seconds
+        self.hardware += batch.hardware_decoded
+        self.left -= 1
 
     def result(self, num_classes: int, where: str) -> dict:
-        return {"meta": self.meta, "counts": np.array([len(rows) for rows in self.rows], np.int32),
+        return {"meta": self.meta, "counts": np.array([len(rows) for rows in self.rows], np.int64),
                 "rows": np.concatenate(self.rows) if self.rows else np.zeros((0, ROW_FIELDS), np.float32),
-                "seconds": self.seconds, "hardware": self.hardware, "num_classes": num_classes, "where": where}
+                "seconds": self.seconds, "hardware": self.hardware, "num_classes": num_classes, "where": where,
+                "span": (self.started, time.time())}
+
+
+class _Stream:
+    """An actor's one detection loop over the blocks its concurrent calls queue: the single process's loop
+    (utils.run.overlapped over launch_batch / finish_batch; with ``decode``, the GPU loader reading and
+    decoding ahead), so that a block's batches follow the previous block's with the engine kept busy. The loop
+    drains only when nothing is queued, and starts again with the next block.
+
+    ``decode``: groups of files -> InputBatch (the actor's GPU loader's ``grouped_batches``), or None when the
+    parts are InputBatch already. An error fails the oldest unfinished block (its call raises it: the driver
+    retries the block); the other blocks already taken in go back to the front of the queue."""
+
+    def __init__(self, runner, decode=None):
+        self.runner, self.decode = runner, decode
+        self.queued: deque[_Block] = deque()
+        self.changed = threading.Condition()
+        threading.Thread(target=self._serve, name="detect-stream", daemon=True).start()
+
+    def detect(self, parts: list) -> _Block:
+        """Queue a block and wait until it is detected."""
+        block = _Block(parts)
+        with self.changed:
+            self.queued.append(block)
+            self.changed.notify()
+        return block.future.result()
+
+    def _serve(self) -> None:
+        while True:
+            with self.changed:
+                while not self.queued:
+                    self.changed.wait()
+            self._drain()
+
+    def _drain(self) -> None:
+        """Detect the queued blocks, and the blocks queued meanwhile, until the queue is empty."""
+        taken: deque[_Block] = deque()      # blocks taken into the loop and not yet done, in order
+        tags: deque[_Block] = deque()       # the block of each part given to the loop, in order
+
+        def parts() -> Iterator:            # never waits: ends when the queue is empty (the loaders read ahead)
+            while True:
+                with self.changed:
+                    if not self.queued:
+                        return
+                    block = self.queued.popleft()
+                block.started = time.time()
+                taken.append(block)
+                for part in block.parts:
+                    tags.append(block)
+                    yield part
+
+        from utils.run import finish_batch, launch_batch, overlapped  # noqa: PLC0415
+
+        items = parts() if self.decode is None else self.decode(parts())
+        try:
+            with contextlib.closing(items):
+                for done in overlapped(items, functools.partial(launch_batch, self.runner),
+                                       functools.partial(finish_batch, self.runner), self.runner.max_in_flight):
+                    block = tags.popleft()
+                    block.add(done.item, done.result, done.launch_seconds + done.finish_seconds)
+                    if not block.left:
+                        taken.popleft()
+                        block.future.set_result(block)
+        except Exception as exc:  # noqa: BLE001  (given to the call that waits on the block)
+            if taken:
+                taken.popleft().future.set_exception(exc)
+            with self.changed:
+                for block in reversed(taken):
+                    block.reset()
+                    self.queued.appendleft(block)
 
 
 class Detector:
     """Ray actor: one runner opened from the plan's file (no conversion, no TensorFlow on the node) on its
-    GPU or CPU; one block per call -> the block's detections."""
+    GPU or CPU, and one detection stream (_Stream) that the concurrent calls (a block each) feed."""
 
     def __init__(self, plan, artifact: Artifact):
         self.gpu_ids = _pin_gpu()
         self.plan = plan
         self.runner = plan.open(artifact)
-        self.lock = threading.Lock()          # one detect at a time (GPU_CONCURRENCY calls share the runner)
-        self.loaders: queue.SimpleQueue = queue.SimpleQueue()     # decode gpu: one loader per concurrent call
+        decode = None
         if plan.decode == "gpu" and self.gpu_ids:
-            self.loaders.put(self._new_loader())        # its decoders open now, not in the first block
+            from utils.gpu_input import GpuImageLoader  # noqa: PLC0415
+
+            loader = GpuImageLoader(self.runner.spec.input_size)       # its decoders open now, not in the first block
+            decode = functools.partial(loader.grouped_batches, batch_size=plan.batch_size)
+        self.stream = _Stream(self.runner, decode)
 
     def where(self) -> dict:
         """Which process, node and device this actor is (the tests and the manifest show it)."""
@@ -260,49 +346,14 @@ class Detector:
     def _label(self) -> str:
         return f"{socket.gethostname()}:{'GPU ' + ','.join(self.gpu_ids) if self.gpu_ids else 'CPU'}"
 
-    def _detect(self, tensor) -> list[np.ndarray]:
-        from utils.run import detect_rows  # noqa: PLC0415
-
-        with self.lock:
-            return detect_rows(self.runner, tensor)
-
-    def detect_tensors(self, *batches: dict) -> dict:
+    def detect_tensors(self, *batches: InputBatch) -> dict:
         """Detect on batches that CPU tasks decoded (``_read_batch``)."""
-        block = _Block()
-        for batch in batches:
-            started = time.perf_counter()
-            found = self._detect(batch["tensor"])
-            block.seconds += time.perf_counter() - started
-            block.add(batch["meta"], found)
-        return block.result(self.runner.spec.num_classes, self._label())
+        return self.stream.detect(list(batches)).result(self.runner.spec.num_classes, self._label())
 
     def detect_files(self, paths: list[str]) -> dict:
         """Read and decode the files on this actor's GPU (utils.gpu_input, as the single-process run), detect."""
-        block = _Block()
-        loader = self._loader()
-        try:
-            for batch in loader.batches([Path(path) for path in paths], self.plan.batch_size):
-                started = time.perf_counter()
-                found = self._detect(batch.tensor)
-                block.seconds += time.perf_counter() - started
-                block.hardware += batch.hardware_decoded
-                block.add([{"size": item.size, "error": item.error, "cpu_reason": item.cpu_reason}
-                           for item in batch.items], found)
-        finally:
-            self.loaders.put(loader)
-        return block.result(self.runner.spec.num_classes, self._label())
-
-    def _loader(self):
-        """A GPU loader of this actor (made once per concurrent call, then reused: the decoders stay open)."""
-        try:
-            return self.loaders.get_nowait()
-        except queue.Empty:
-            return self._new_loader()
-
-    def _new_loader(self):
-        from utils.gpu_input import GpuImageLoader  # noqa: PLC0415
-
-        return GpuImageLoader(self.runner.spec.input_size)
+        parts = chunked([Path(path) for path in paths], self.plan.batch_size)
+        return self.stream.detect(parts).result(self.runner.spec.num_classes, self._label())
 
 
 def _gpu_uuid() -> str | None:
@@ -326,9 +377,10 @@ class DetectorPool:
                                                          # the rest of a shared cluster)
         self.on_gpu = gpus > 0
         self.size = workers or gpus or max(1, int(resources.get("CPU", 1)))
-        options = dict(num_cpus=DETECTOR_CPUS, max_restarts=-1, max_task_retries=0)
+        # IN_FLIGHT block calls feed the actor's stream at once, and where() is never queued behind them
+        options = dict(num_cpus=DETECTOR_CPUS, max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT + 1)
         if self.on_gpu:
-            options.update(num_gpus=1, max_concurrency=GPU_CONCURRENCY)
+            options.update(num_gpus=1)
         actor = ray.remote(Detector).options(**options)
         self.actors = [actor.remote(plan, artifact) for _ in range(self.size)]
         self.info: dict[int, dict] = {}         # actor index -> Detector.where() of its current process
@@ -402,46 +454,67 @@ def _reason(exc: BaseException) -> str:
 # --- the shards --------------------------------------------------------------------------------------
 
 
-def _npz(arrays: dict[str, np.ndarray]) -> bytes:
-    """``arrays`` as an .npz archive whose bytes depend on the arrays only (no timestamps)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            with archive.open(zipfile.ZipInfo(f"{name}.npy", (1980, 1, 1, 0, 0, 0)), "w") as member:
-                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
+@dataclass
+class Shard:
+    """The records of a block (or of a whole run) as stored: ``rows`` [sum M, 7] float32, ``counts`` [N] (rows per
+    input, 0 for an input with an error) and ``described`` (per input: index, key, path, size, error,
+    cpu_reason)."""
+
+    rows: np.ndarray
+    counts: np.ndarray
+    described: list[dict]
+
+    def records(self) -> list[Record]:
+        starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        return [Record(d["index"], d["key"], d["path"], tuple(d["size"]) if d["size"] else None,
+                       self.rows[starts[i]:starts[i + 1]] if d["error"] is None else None, d["error"], d["cpu_reason"])
+                for i, d in enumerate(self.described)]
 
 
-def write_records(path: Path, records: list[Record]) -> None:
-    """Records as one .npz: ``rows`` [sum M, 7] float32, ``counts`` [N] and ``records`` (the rest as UTF-8 JSON)."""
-    described = [{"index": r.index, "key": r.key, "path": r.path, "size": list(r.size) if r.size else None,
-                  "error": r.error, "cpu_reason": r.cpu_reason} for r in records]
-    rows = [r.rows if r.rows is not None else np.zeros((0, ROW_FIELDS), np.float32) for r in records]
-    write_bytes_atomic(path, _npz({
-        "rows": np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, ROW_FIELDS), np.float32),
-        "counts": np.array([len(r) for r in rows], np.int64),
-        "records": np.frombuffer(json.dumps(described).encode(), np.uint8)}))
+def write_shards(path: Path, shards: list[Shard]) -> None:
+    """``shards``, one after the other, as one atomic .npz whose bytes depend on the records only (no
+    timestamps): ``rows``, ``counts`` and ``records`` (``described`` as UTF-8 JSON). The arrays go to the file
+    part by part, never joined in memory."""
+    rows = [np.ascontiguousarray(shard.rows, np.float32).reshape(-1, ROW_FIELDS) for shard in shards]
+    counts = [np.asarray(shard.counts, np.int64) for shard in shards]
+    described = json.dumps([entry for shard in shards for entry in shard.described]).encode()
+    arrays = {"rows": (rows, (sum(len(part) for part in rows), ROW_FIELDS), np.float32),
+              "counts": (counts, (sum(len(part) for part in counts),), np.int64),
+              "records": ([np.frombuffer(described, np.uint8)], (len(described),), np.uint8)}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name, (parts, shape, dtype) in arrays.items():
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+            size = sum(part.nbytes for part in parts) + 4096
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", (1980, 1, 1, 0, 0, 0)), "w",
+                              force_zip64=size >= zipfile.ZIP64_LIMIT) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                for part in parts:
+                    member.write(part.reshape(-1).view(np.uint8).data)
+
+
+def read_shard(path: Path) -> Shard:
+    """A shard file, or the merged ``detections.npz``."""
+    with np.load(path, allow_pickle=False) as data:
+        return Shard(data["rows"], data["counts"], json.loads(data["records"].tobytes()))
 
 
 def read_records(path: Path) -> list[Record]:
     """The records of a shard or of the merged ``detections.npz``."""
-    with np.load(path, allow_pickle=False) as data:
-        rows, counts, described = data["rows"], data["counts"], json.loads(data["records"].tobytes())
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    return [Record(d["index"], d["key"], d["path"], tuple(d["size"]) if d["size"] else None,
-                   rows[starts[i]:starts[i + 1]] if d["error"] is None else None, d["error"], d["cpu_reason"])
-            for i, d in enumerate(described)]
+    return read_shard(path).records()
 
 
 class ShardStore:
-    """The shards and manifest of one run folder."""
+    """The shards and manifest of one run folder. Shards are written in order by one writer thread, so that
+    the driver's loop never waits for the disk; each is listed in the manifest once it is on disk."""
 
     def __init__(self, folder: Path, key: dict):
         self.folder = Path(folder)
         self.key = key
-        self.complete: dict[int, dict] = {}   # block -> {"seconds", "hardware", "where"} of its detector call
-        self.saved: dict[int, list[Record]] = {}   # block -> its records, for the blocks this run saved
+        self.complete: dict[int, dict] = {}   # block -> {"seconds", "hardware", "where"}: on disk and listed
+        self.saved: dict[int, Shard] = {}     # block -> its shard, for the blocks this run saved
         self.num_classes = 0
+        self.writes: list[Future] = []
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="shards")
         manifest = self.folder / MANIFEST
         if manifest.is_file():
             saved = json.loads(manifest.read_text(encoding="utf-8"))
@@ -453,29 +526,49 @@ class ShardStore:
     def shard_path(self, block: int) -> Path:
         return self.folder / f"shard_{block:06d}.npz"
 
-    def save(self, block: int, records: list[Record], num_classes: int, made: dict) -> None:
-        """Write a block's shard, then list it in the manifest; a block already saved is ignored."""
-        if block in self.complete:
+    def has(self, block: int) -> bool:
+        return block in self.saved or block in self.complete
+
+    def save(self, block: int, shard: Shard, num_classes: int, made: dict) -> None:
+        """Queue a block's shard for writing (a block already saved is ignored); an earlier write's error is
+        raised here."""
+        if self.has(block):
             return
-        write_records(self.shard_path(block), records)
-        self.saved[block] = records
-        self.complete[block] = made
+        self.saved[block] = shard
         self.num_classes = num_classes
+        self.writes.append(self.writer.submit(self._write, block, shard, made))
+        if self.writes[0].done():
+            self.writes.pop(0).result()
+
+    def _write(self, block: int, shard: Shard, made: dict) -> None:
+        write_shards(self.shard_path(block), [shard])
+        self.complete[block] = made
         write_text_atomic(self.folder / MANIFEST, json.dumps(
-            {"key": self.key, "num_classes": num_classes, "shards": dict(sorted(self.complete.items()))}, indent=1))
+            {"key": self.key, "num_classes": self.num_classes, "shards": dict(sorted(self.complete.items()))},
+            indent=1))
+
+    def flush(self) -> None:
+        """Wait until every queued shard is written and listed (the first write error is raised here)."""
+        while self.writes:
+            self.writes.pop(0).result()
+
+    def close(self) -> None:
+        """Finish the queued writes (errors ignored: flush reports them) and end the writer thread."""
+        self.writer.shutdown(wait=True)
 
     def merge(self, blocks: list[range]) -> list[Record]:
         """All records in input order, written to ``detections.npz``; checks each input appears once."""
-        records = []
+        self.flush()
+        shards = []
         for block, indices in enumerate(blocks):
             # this run's blocks from memory (what was written), earlier runs' from their shard files
-            shard = self.saved[block] if block in self.saved else read_records(self.shard_path(block))
-            if [r.index for r in shard] != list(indices):
+            shard = self.saved[block] if block in self.saved else read_shard(self.shard_path(block))
+            if [entry["index"] for entry in shard.described] != list(indices):
                 raise UserError(f"shard {self.shard_path(block)} does not hold inputs {indices.start}..{indices.stop - 1}; "
                                 f"delete {self.folder} and run again")
-            records.extend(shard)
-        write_records(self.folder / MERGED, records)
-        return records
+            shards.append(shard)
+        write_shards(self.folder / MERGED, shards)
+        return [record for shard in shards for record in shard.records()]
 
 
 # --- the driver --------------------------------------------------------------------------------------
@@ -565,35 +658,45 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Pa
     store = ShardStore(folder, run_key)
     todo = deque(block for block in range(len(blocks)) if block not in store.complete)
     hardware = 0
-    # the driver's timeline: until the first block result, the dispatch loop in all, the shard writes inside
-    # it, the merge after it (where a run's fixed cost goes: benchmarks/bench_ray.py reports it)
+    # the driver's timeline: until the first block result, the dispatch loop in all, the driver's part of
+    # saving inside it (the writes run in the store's thread), the merge after it, and how long after the
+    # loop's start the actors began and before its end they ended (where a run's fixed cost goes:
+    # benchmarks/bench_ray.py reports it)
     stages = {"first_result_s": 0.0, "dispatch_s": 0.0, "save_s": 0.0, "merge_s": 0.0}
+    spans: list = []
 
     def save(block: int, result: dict) -> None:
         nonlocal hardware
         began = time.perf_counter()
         stages["first_result_s"] = stages["first_result_s"] or began - started
-        records = [Record(i, keys[i], str(paths[i]), tuple(meta["size"]) if meta["size"] else None,
-                          rows if meta["error"] is None else None, meta["error"], meta["cpu_reason"])
-                   for i, meta, rows in zip(blocks[block], result["meta"],
-                                            np.split(result["rows"], np.cumsum(result["counts"])[:-1]))]
-        if block not in store.complete:
-            hardware += result["hardware"]
-        store.save(block, records, int(result["num_classes"]),
+        spans.append(result["span"])
+        if store.has(block):                # delivered twice (a retried call): the first one counts
+            return
+        hardware += result["hardware"]
+        described = [{"index": i, "key": keys[i], "path": str(paths[i]),
+                      "size": list(meta["size"]) if meta["size"] else None, "error": meta["error"],
+                      "cpu_reason": meta["cpu_reason"]} for i, meta in zip(blocks[block], result["meta"])]
+        store.save(block, Shard(result["rows"], result["counts"], described), int(result["num_classes"]),
                    {"seconds": result["seconds"], "hardware": result["hardware"], "where": result["where"]})
         stages["save_s"] += time.perf_counter() - began
 
-    if todo:
-        pool.wait_ready(1)
-        dispatched = time.perf_counter()
-        given_up = _Dispatch(ray, pool, plan, artifact, paths).run(todo, blocks, save)
-        stages["dispatch_s"] = time.perf_counter() - dispatched
-        if given_up:
-            raise UserError(f"{len(given_up)} blocks failed {ATTEMPTS} times on the Ray cluster; run again to resume "
-                            f"from {folder}")
-    merging = time.perf_counter()
-    records = store.merge(blocks)
-    stages["merge_s"] = time.perf_counter() - merging
+    try:
+        if todo:
+            pool.wait_ready(1)
+            dispatched, wall = time.perf_counter(), time.time()
+            given_up = _Dispatch(ray, pool, plan, artifact, paths).run(todo, blocks, save)
+            stages["dispatch_s"] = time.perf_counter() - dispatched
+            if spans:           # the actors' first start and last end against the loop (one host's clock)
+                stages["actors_start_s"] = min(span[0] for span in spans) - wall
+                stages["actors_end_s"] = wall + stages["dispatch_s"] - max(span[1] for span in spans)
+            if given_up:
+                raise UserError(f"{len(given_up)} blocks failed {ATTEMPTS} times on the Ray cluster; run again to "
+                                f"resume from {folder}")
+        merging = time.perf_counter()
+        records = store.merge(blocks)
+        stages["merge_s"] = time.perf_counter() - merging
+    finally:
+        store.close()
     return DistributedRun(records, store.num_classes, sum(made["seconds"] for made in store.complete.values()),
                           store.folder, hardware, stages)
 
@@ -646,7 +749,7 @@ class RayExecutor:
         keyed = time.perf_counter()
         done = run(keys, paths, self.plan, self.artifact, self.folder, key, pool)
         self.stages = {"key_s": keyed - started, **done.stages}     # the last run's driver timeline
-        results = [ImageResult(Path(record.path), record.key, record.size, rows=record.rows, error=record.error,
+        results = [ImageResult(paths[record.index], record.key, record.size, rows=record.rows, error=record.error,
                                cpu_reason=record.cpu_reason) for record in done.records]
         yield BatchResult(results, done.inference_seconds, time.perf_counter() - started,
                           cpu_decoded=sum(record.cpu_reason is not None for record in done.records),

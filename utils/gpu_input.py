@@ -23,7 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import array_api_compat
 import numpy as np
@@ -32,7 +32,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from utils.jpeg import JpegHeader, orient, read_encoded, read_jpeg_header
-from utils.pipeline import KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, load_one, produced_ahead
+from utils.pipeline import (KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedImage, chunked, load_one, produced_ahead,
+                            read_ahead)
 from utils.preprocess import PIXEL_SCALE, legacy_taps
 
 # Reader threads: more only add GIL contention with the decode thread and the caller (benchmarks/README.md).
@@ -228,21 +229,6 @@ class GpuImageLoader:
         return InputBatch(items, tensor, cpu_decoded=len(cpu_reasons), cpu_reasons=cpu_reasons,
                           hardware_decoded=on_hardware)
 
-    def _reads(self, pool: ThreadPoolExecutor, paths: list[Path], batch_size: int) -> Iterator[list[_Read]]:
-        """The files read, batch by batch: by the reader threads ahead of time, or here (workers=0)."""
-        if self.workers == 0:
-            for start in range(0, len(paths), batch_size):
-                yield [self._read(path) for path in paths[start:start + batch_size]]
-            return
-        window = [pool.submit(self._read, path) for path in paths[:batch_size * PREFETCH_BATCHES]]
-        submitted = len(window)
-        while window:
-            batch, window = window[:batch_size], window[batch_size:]
-            more = paths[submitted:submitted + len(batch)]
-            window.extend(pool.submit(self._read, path) for path in more)
-            submitted += len(more)
-            yield [future.result() for future in batch]
-
     def encoded_batches(self, batches, batch_size: int) -> Iterator[InputBatch]:
         """InputBatch of each list of (name, encoded bytes) pairs in ``batches`` (images already read, e.g. by
         a Ray actor), in order; the name is the item's path (the CPU path reads that file if the bytes are
@@ -250,13 +236,13 @@ class GpuImageLoader:
         if self.dali is not None:
             return self.dali.encoded_batches(batches, batch_size)
 
-        def reads(_pool, _paths, _size) -> Iterator[list[_Read]]:
+        def reads(_pool) -> Iterator[list[_Read]]:
             for batch in batches:
                 arrays = [(Path(name), np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data)
                           for name, data in batch]
                 yield [self._routed(path, data, read_jpeg_header(data)) for path, data in arrays]
 
-        return self._produced(reads, [], batch_size)
+        return self._produced(reads)
 
     def decode_encoded(self, items) -> InputBatch:
         """One InputBatch of (name, encoded bytes) pairs, decoded now."""
@@ -271,15 +257,27 @@ class GpuImageLoader:
         """
         if self.dali is not None:
             return self.dali.batches(paths, batch_size)
-        return self._produced(self._reads, list(paths), batch_size)
+        return self.grouped_batches(chunked(list(paths), batch_size), batch_size)
 
-    def _produced(self, reads, paths: list[Path], batch_size: int) -> Iterator[InputBatch]:
-        """The nvJPEG path's producer thread over ``reads(pool, paths, batch_size)`` (lists of _Read), on this
-        loader's CUDA stream; each batch complete before it is handed out."""
+    def grouped_batches(self, groups: Iterable[Sequence[Path]], batch_size: int) -> Iterator[InputBatch]:
+        """InputBatch of each group of up to ``batch_size`` files, in order, as ``batches``; ``groups`` may be a
+        stream that grows while it is read (a Ray actor's blocks: utils.distributed), so that one pipeline runs
+        across them without draining in between."""
+        if self.dali is not None:
+            return self.dali.grouped_batches(groups, batch_size)
+
+        def reads(pool) -> Iterator[list[_Read]]:
+            return read_ahead(groups, self._read, pool if self.workers else None, PREFETCH_BATCHES)
+
+        return self._produced(reads)
+
+    def _produced(self, reads) -> Iterator[InputBatch]:
+        """The nvJPEG path's producer thread over ``reads(pool)`` (lists of _Read, the pool: reader threads), on
+        this loader's CUDA stream; each batch complete before it is handed out."""
         def produce() -> Iterator[InputBatch]:
             with ThreadPoolExecutor(max(1, self.workers), thread_name_prefix="read") as pool, \
                     torch.cuda.stream(self.stream):
-                for group in reads(pool, paths, batch_size):
+                for group in reads(pool):
                     built = self._to_batch(group)
                     self.stream.synchronize()
                     yield built

@@ -21,11 +21,12 @@ import importlib.util
 import math
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -195,6 +196,28 @@ def produced_ahead(produce: Callable[[], Iterator], depth: int, name: str) -> It
                 ready.get(timeout=0.1)
             except Empty:
                 pass
+
+
+def chunked(items: Sequence, size: int) -> list:
+    """``items`` in consecutive slices of ``size`` (the last one shorter)."""
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def read_ahead(groups: Iterable[Sequence], read: Callable, pool: ThreadPoolExecutor | None, depth: int) -> Iterator[list]:
+    """``[read(x) for x in group]`` for each group, in order. With a pool, the reads of ``depth`` groups (the one
+    handed out and those after it) run in its threads ahead of the caller; ``groups`` may be a stream that is
+    still growing (a Ray actor's blocks), as long as asking it for the next group does not block."""
+    if pool is None:
+        for group in groups:
+            yield [read(item) for item in group]
+        return
+    window: deque = deque()
+    for group in groups:
+        window.append([pool.submit(read, item) for item in group])
+        if len(window) >= depth:
+            yield [future.result() for future in window.popleft()]
+    while window:
+        yield [future.result() for future in window.popleft()]
 
 
 def gpu_decoder_installed() -> bool:

@@ -8,14 +8,15 @@ detect_objects.py, voc_evaluation.py, the Ray path and the benchmarks all go thr
             for result in batch.results: ...
 
 The local executor opens one runner and reads, decodes and detects in this process
-(``detect_batches``); the Ray executor (utils.distributed) runs the same per-block step
-(``detect_rows``) in detector actors and yields the same results.
+(``detect_batches``); the Ray executor (utils.distributed) runs the same loop (``overlapped`` over
+``launch_batch`` / ``finish_batch``) in detector actors and yields the same results.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,6 +103,16 @@ def image_rows(detections: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return [valid_rows(detections[index], counts[index]) for index in range(len(detections))]
 
 
+def launch_batch(runner: Runner, batch):
+    """runner.launch on an InputBatch's tensor (None: the batch has no readable image)."""
+    return runner.launch(batch.tensor) if batch.tensor is not None and len(batch.tensor) else None
+
+
+def finish_batch(runner: Runner, handle) -> list[np.ndarray]:
+    """The [M, 7] rows of each readable image of a launched batch."""
+    return [] if handle is None else image_rows(*runner.finish(handle))
+
+
 @dataclass
 class _Timed:
     """One item through ``overlapped``: the item, finish's result and the seconds of each step."""
@@ -178,17 +189,11 @@ def detect_batches(runner: Runner, files: Sequence[Path], batch_size: int, decod
     allows (``max_in_flight`` > 1), its finish of batch k (NMS, copies back) overlaps the engine on batch k + 1.
     """
     keys = list(keys) if keys is not None else [str(path) for path in files]
-
-    def launch(batch):
-        return runner.launch(batch.tensor) if batch.tensor is not None and len(batch.tensor) else None
-
-    def finish(handle) -> list[np.ndarray]:
-        return [] if handle is None else image_rows(*runner.finish(handle))
-
     position = 0
     began = time.perf_counter()
     batches = input_batches(list(files), batch_size, runner.spec.input_size, workers, decode, keep_images)
-    for done in overlapped(batches, launch, finish, runner.max_in_flight):
+    for done in overlapped(batches, functools.partial(launch_batch, runner), functools.partial(finish_batch, runner),
+                           runner.max_in_flight):
         batch = done.item
         results = [ImageResult(item.path, keys[position + index], item.size, item.image, error=item.error,
                                cpu_reason=item.cpu_reason) for index, item in enumerate(batch.items)]
