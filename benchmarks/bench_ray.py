@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         name = f"ray_{n}"
         print(f"{name:<10} {rows[name]['images_per_s']:>9.1f} {scaling[name]:>8.2f}x {efficiency[name]:>9.0%}")
         for stage in rows[name].get("driver_stages", [])[-1:]:     # where the run's fixed cost goes
-            print(f"{'':<10} driver: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in stage.items()))
+            print(f"{'':<10} driver: " + ", ".join(f"{k[:-2]} {v:.2f} s" if k.endswith("_s") else f"{k} {v}"
+                                                   for k, v in stage.items()))
     print(f"ray_{base} / single: {one / single:.0%} ({len(paths)} images, batch {args.batch_size}, decode "
           f"{plan.decode}, {'GPU' if gpus else 'CPU'} actors, median of {args.repeats})")
     write_json(args.out, {

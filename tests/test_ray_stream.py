@@ -4,6 +4,7 @@ reads and decodes ahead with, and the shard files written part by part by the dr
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +63,9 @@ def photos(shared_dir, tmp_path_factory) -> list[Path]:
     return voc[:9] + [broken] + voc[9:]
 
 
-def detect_concurrently(stream, blocks: list[list]) -> list:
-    """Each block through ``stream.detect`` from its own thread, all at once (as an actor's concurrent calls);
-    the _Block, or the exception, of each."""
+def detect_concurrently(stream, blocks: list[list], stagger: float = 0.0) -> list:
+    """Each block through ``stream.detect`` from its own thread, all at once (as an actor's concurrent calls;
+    ``stagger``: seconds between the calls, so that they queue in order); the _Block, or the exception, of each."""
     out: list = [None] * len(blocks)
 
     def call(index: int) -> None:
@@ -76,6 +77,7 @@ def detect_concurrently(stream, blocks: list[list]) -> list:
     threads = [threading.Thread(target=call, args=(index,)) for index in range(len(blocks))]
     for thread in threads:
         thread.start()
+        time.sleep(stagger)
     for thread in threads:
         thread.join(120)
     return out
@@ -141,22 +143,41 @@ def test_stream_decoding_files_ahead_with_dali_equals_its_loader(runner, photos)
                 np.testing.assert_array_equal(got, want)
 
 
-def test_stream_error_fails_only_its_block(runner, photos):
-    """A batch the runner refuses (the wrong input size): that block's call raises the runner's error, the
-    blocks queued with it are detected in full, and the stream goes on with the next calls."""
+class InFlight:
+    """The real runner with ``max_in_flight`` set (2: as on CUDA, the next batch launched before the last one's
+    finish), to check the stream's error routing where launches and finishes interleave."""
+
+    def __init__(self, runner, in_flight: int):
+        self.runner, self.max_in_flight = runner, in_flight
+
+    def launch(self, batch):
+        return self.runner.launch(batch)
+
+    def finish(self, handle):
+        return self.runner.finish(handle)
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_stream_error_fails_only_its_block(runner, photos, in_flight):
+    """A batch the runner refuses (the wrong input size), queued between two good blocks: that block's call
+    raises the runner's error, the blocks queued with it are detected in full, and the stream goes on."""
     from utils.pipeline import InputBatch, LoadedImage
 
     good = [[distributed._read_batch([str(path) for path in part], runner.spec.input_size)
              for part in chunked(block, BATCH)] for block in chunked(photos[:16], 2 * BATCH)]
     bad = [InputBatch([LoadedImage(Path("x.jpg"), size=(10, 10))], np.zeros((1, 3, 64, 64), np.float32))]
-    stream = distributed._Stream(runner)
-    done = detect_concurrently(stream, [good[0], bad, good[1]])
-    assert isinstance(done[1], Exception)
-    for block in (done[0], done[2]):
-        assert not isinstance(block, Exception) and len(block.rows) == 8 and not block.left
+    expected = [distributed._Stream(runner).detect(block) for block in good]
+    stream = distributed._Stream(InFlight(runner, in_flight))
+    done = detect_concurrently(stream, [good[0], bad, good[1]], stagger=0.005)
+    assert isinstance(done[1], Exception) and not isinstance(done[1], AssertionError)
+    for block, want in zip((done[0], done[2]), expected):
+        assert not isinstance(block, Exception), block
+        assert not block.left and len(block.rows) == 8
+        for got, rows in zip(block.rows, want.rows):
+            np.testing.assert_array_equal(got, rows)
     again = stream.detect(good[1])
-    for got, want in zip(again.rows, done[2].rows):
-        np.testing.assert_array_equal(got, want)
+    for got, rows in zip(again.rows, expected[1].rows):
+        np.testing.assert_array_equal(got, rows)
 
 
 # --- shards -------------------------------------------------------------------------------------------------

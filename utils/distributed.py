@@ -55,6 +55,7 @@ DETECTOR_CPUS = 0.5       # a detector reserves half a CPU: one actor per CPU le
 READ_CPUS = 0.25          # a read task (decode and preprocess one batch on the CPU)
 BLOCK_BATCHES = int(os.environ.get("SSD_RAY_BLOCK_BATCHES", "2"))       # GPU clusters: batches per block
 IN_FLIGHT = 3             # blocks given to one actor at a time: one in its stream, the next ones queued behind it
+FEED_WAIT_S = 0.05        # an actor's stream waits this long for the next block before it drains
 PROBE_TIMEOUT_S = 5       # a cluster address must accept a connection within this
 CONNECT_TIMEOUT_S = 20    # and Ray must have joined it within this
 ROW_FIELDS = 7
@@ -231,6 +232,7 @@ class _Block:
         self.hardware = 0
         self.left = len(self.parts)
         self.started = 0.0                   # wall clock, when its first part went into the stream
+        self.first = False                   # the stream (re)started with it: the loop had drained before
 
     def add(self, batch: InputBatch, found: list[np.ndarray], seconds: float) -> None:
         """One part's InputBatch and the rows of its readable images."""
@@ -247,7 +249,7 @@ class _Block:
         return {"meta": self.meta, "counts": np.array([len(rows) for rows in self.rows], np.int64),
                 "rows": np.concatenate(self.rows) if self.rows else np.zeros((0, ROW_FIELDS), np.float32),
                 "seconds": self.seconds, "hardware": self.hardware, "num_classes": num_classes, "where": where,
-                "span": (self.started, time.time())}
+                "span": (self.started, time.time()), "first": self.first}
 
 
 class _Stream:
@@ -284,15 +286,22 @@ class _Stream:
     def _drain(self) -> None:
         """Detect the queued blocks, and the blocks queued meanwhile, until the queue is empty."""
         taken: deque[_Block] = deque()      # blocks taken into the loop and not yet done, in order
-        tags: deque[_Block] = deque()       # the block of each part given to the loop, in order
+        tags: list[_Block] = []             # the block of each part given to the loop, in order
+        done_parts, launched = 0, 0
+        failed: list[_Block] = []           # the block of a part whose launch or finish raised
 
-        def parts() -> Iterator:            # never waits: ends when the queue is empty (the loaders read ahead)
+        def parts() -> Iterator:
+            # the loaders ask for parts ahead of the engine, so this never waits long: FEED_WAIT_S for the driver
+            # to send the next block, then the loop ends (at the end of the inputs nothing more comes)
+            first = True
             while True:
                 with self.changed:
                     if not self.queued:
+                        self.changed.wait(FEED_WAIT_S)
+                    if not self.queued:
                         return
                     block = self.queued.popleft()
-                block.started = time.time()
+                block.started, block.first, first = time.time(), first, False
                 taken.append(block)
                 for part in block.parts:
                     tags.append(block)
@@ -300,23 +309,43 @@ class _Stream:
 
         from utils.run import finish_batch, launch_batch, overlapped  # noqa: PLC0415
 
+        def launch(batch):
+            nonlocal launched
+            block, launched = tags[launched], launched + 1
+            try:
+                return block, launch_batch(self.runner, batch)
+            except Exception:
+                failed.append(block)
+                raise
+
+        def finish(handle):
+            block, handle = handle
+            try:
+                return finish_batch(self.runner, handle)
+            except Exception:
+                failed.append(block)
+                raise
+
         items = parts() if self.decode is None else self.decode(parts())
         try:
             with contextlib.closing(items):
-                for done in overlapped(items, functools.partial(launch_batch, self.runner),
-                                       functools.partial(finish_batch, self.runner), self.runner.max_in_flight):
-                    block = tags.popleft()
+                for done in overlapped(items, launch, finish, self.runner.max_in_flight):
+                    block, done_parts = tags[done_parts], done_parts + 1
                     block.add(done.item, done.result, done.launch_seconds + done.finish_seconds)
                     if not block.left:
                         taken.popleft()
                         block.future.set_result(block)
         except Exception as exc:  # noqa: BLE001  (given to the call that waits on the block)
-            if taken:
-                taken.popleft().future.set_exception(exc)
+            # the block whose part failed (or, when the input failed, the next one to launch) gets the error; the
+            # others taken in go back to the front of the queue, to be detected afresh
+            culprit = failed[0] if failed else tags[launched] if launched < len(tags) else taken[0] if taken else None
+            if culprit is not None:
+                culprit.future.set_exception(exc)
             with self.changed:
                 for block in reversed(taken):
-                    block.reset()
-                    self.queued.appendleft(block)
+                    if block is not culprit:
+                        block.reset()
+                        self.queued.appendleft(block)
 
 
 class Detector:
@@ -567,8 +596,10 @@ class ShardStore:
                 raise UserError(f"shard {self.shard_path(block)} does not hold inputs {indices.start}..{indices.stop - 1}; "
                                 f"delete {self.folder} and run again")
             shards.append(shard)
-        write_shards(self.folder / MERGED, shards)
-        return [record for shard in shards for record in shard.records()]
+        written = self.writer.submit(write_shards, self.folder / MERGED, shards)     # while the records are made
+        records = [record for shard in shards for record in shard.records()]
+        written.result()
+        return records
 
 
 # --- the driver --------------------------------------------------------------------------------------
@@ -659,10 +690,10 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Pa
     todo = deque(block for block in range(len(blocks)) if block not in store.complete)
     hardware = 0
     # the driver's timeline: until the first block result, the dispatch loop in all, the driver's part of
-    # saving inside it (the writes run in the store's thread), the merge after it, and how long after the
-    # loop's start the actors began and before its end they ended (where a run's fixed cost goes:
-    # benchmarks/bench_ray.py reports it)
-    stages = {"first_result_s": 0.0, "dispatch_s": 0.0, "save_s": 0.0, "merge_s": 0.0}
+    # saving inside it (the writes run in the store's thread), the merge after it, how long after the loop's
+    # start the actors began and before its end they ended, and how often an actor's stream started (once per
+    # actor when it never drained: benchmarks/bench_ray.py reports where a run's fixed cost goes)
+    stages = {"first_result_s": 0.0, "dispatch_s": 0.0, "save_s": 0.0, "merge_s": 0.0, "stream_starts": 0}
     spans: list = []
 
     def save(block: int, result: dict) -> None:
@@ -670,6 +701,7 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Pa
         began = time.perf_counter()
         stages["first_result_s"] = stages["first_result_s"] or began - started
         spans.append(result["span"])
+        stages["stream_starts"] += result["first"]
         if store.has(block):                # delivered twice (a retried call): the first one counts
             return
         hardware += result["hardware"]
