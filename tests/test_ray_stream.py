@@ -217,7 +217,7 @@ def test_shard_store_writes_in_its_thread_lists_each_shard_once_and_raises_a_wri
     store.save(0, shard(0, 5, 1), 91, {"seconds": 0.1})
     store.save(0, shard(0, 5, 9), 91, {"seconds": 9.0})              # a second delivery is ignored
     store.save(2, shard(9, 3, 3), 91, {"seconds": 0.3})
-    (tmp_path / "run" / "shard_000001.npz").mkdir()                  # block 1's shard cannot be written
+    (tmp_path / "run" / "shard_000001.npz").mkdir(parents=True)      # block 1's shard cannot be written
     store.save(1, shard(5, 4, 2), 91, {"seconds": 0.2})
     with pytest.raises(IsADirectoryError):
         store.merge(blocks)
@@ -229,7 +229,8 @@ def test_shard_store_writes_in_its_thread_lists_each_shard_once_and_raises_a_wri
     resumed = ShardStore(tmp_path / "run", {"k": 1})                 # a later run: blocks 0 and 2 from disk
     assert sorted(resumed.complete) == [0, 2]
     resumed.save(1, shard(5, 4, 2), 91, {"seconds": 0.2})
-    records = resumed.merge(blocks)
+    records = [record for merged_shard in resumed.merge(blocks) for record in merged_shard.records()]
+    resumed.flush()                                                  # the merged file is written
     resumed.close()
     assert [record.index for record in records] == list(range(12))
     merged = read_records(tmp_path / "run" / distributed.MERGED)

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -76,9 +76,9 @@ class Record:
 
 @dataclass
 class DistributedRun:
-    """The merged records of a run, in input order."""
+    """The merged results of a run, in input order."""
 
-    records: list[Record]
+    results: list[ImageResult]
     num_classes: int
     inference_seconds: float          # summed over the detector calls that made the shards
     folder: Path
@@ -493,11 +493,16 @@ class Shard:
     counts: np.ndarray
     described: list[dict]
 
-    def records(self) -> list[Record]:
+    def entries(self) -> Iterator[tuple[dict, tuple[int, int] | None, np.ndarray | None]]:
+        """Per input: its description, its size and its [M, 7] rows (None for an input with an error)."""
         starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        return [Record(d["index"], d["key"], d["path"], tuple(d["size"]) if d["size"] else None,
-                       self.rows[starts[i]:starts[i + 1]] if d["error"] is None else None, d["error"], d["cpu_reason"])
-                for i, d in enumerate(self.described)]
+        for i, d in enumerate(self.described):
+            yield (d, tuple(d["size"]) if d["size"] else None,
+                   self.rows[starts[i]:starts[i + 1]] if d["error"] is None else None)
+
+    def records(self) -> list[Record]:
+        return [Record(d["index"], d["key"], d["path"], size, rows, d["error"], d["cpu_reason"])
+                for d, size, rows in self.entries()]
 
 
 def write_shards(path: Path, shards: list[Shard]) -> None:
@@ -585,8 +590,9 @@ class ShardStore:
         """Finish the queued writes (errors ignored: flush reports them) and end the writer thread."""
         self.writer.shutdown(wait=True)
 
-    def merge(self, blocks: list[range]) -> list[Record]:
-        """All records in input order, written to ``detections.npz``; checks each input appears once."""
+    def merge(self, blocks: list[range]) -> list[Shard]:
+        """Every block's shard in input order (each input checked to appear once), queued to be written as
+        ``detections.npz`` (``flush`` waits for it)."""
         self.flush()
         shards = []
         for block, indices in enumerate(blocks):
@@ -596,10 +602,8 @@ class ShardStore:
                 raise UserError(f"shard {self.shard_path(block)} does not hold inputs {indices.start}..{indices.stop - 1}; "
                                 f"delete {self.folder} and run again")
             shards.append(shard)
-        written = self.writer.submit(write_shards, self.folder / MERGED, shards)     # while the records are made
-        records = [record for shard in shards for record in shard.records()]
-        written.result()
-        return records
+        self.writes.append(self.writer.submit(write_shards, self.folder / MERGED, shards))
+        return shards
 
 
 # --- the driver --------------------------------------------------------------------------------------
@@ -680,21 +684,40 @@ class _Dispatch:
         todo.appendleft(block)
 
 
-def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Path, run_key: dict,
+def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, keyed: Callable[[], tuple[Path, dict]],
         pool: DetectorPool) -> DistributedRun:
-    """Detect on every input through ``pool`` (connect() first); skips the blocks a previous run completed."""
+    """Detect on every input through ``pool`` (connect() first). ``keyed()`` gives the run's folder and key: it runs
+    in a thread while the first blocks are detected (it reads every input's size and time), and the blocks that a
+    previous run with that key completed are then skipped (those already sent are detected again, not saved)."""
     ray = import_ray()
     started = time.perf_counter()
     blocks = _blocks(len(paths), block_size(plan, pool.on_gpu))
-    store = ShardStore(folder, run_key)
-    todo = deque(block for block in range(len(blocks)) if block not in store.complete)
+    todo = deque(range(len(blocks)))
     hardware = 0
-    # the driver's timeline: until the first block result, the dispatch loop in all, the driver's part of
-    # saving inside it (the writes run in the store's thread), the merge after it, how long after the loop's
-    # start the actors began and before its end they ended, and how often an actor's stream started (once per
-    # actor when it never drained: benchmarks/bench_ray.py reports where a run's fixed cost goes)
-    stages = {"first_result_s": 0.0, "dispatch_s": 0.0, "save_s": 0.0, "merge_s": 0.0, "stream_starts": 0}
+    # the driver's timeline: the key (in its thread) and how long the driver waited for it, until the first block
+    # result, the dispatch loop in all, the driver's part of saving inside it (the writes run in the store's
+    # thread), the merge after it, how long after the loop's start the actors began and before its end they
+    # ended, and how often an actor's stream started (once per actor when it never drained):
+    # benchmarks/bench_ray.py reports where a run's fixed cost goes
+    stages = {"key_s": 0.0, "key_wait_s": 0.0, "first_result_s": 0.0, "dispatch_s": 0.0, "save_s": 0.0,
+              "merge_s": 0.0, "stream_starts": 0}
     spans: list = []
+    store: ShardStore | None = None
+
+    def key() -> tuple[Path, dict]:
+        began = time.perf_counter()
+        made = keyed()
+        stages["key_s"] = time.perf_counter() - began
+        return made
+
+    def open_store() -> ShardStore:
+        nonlocal store
+        began = time.perf_counter()
+        store = ShardStore(*keying.result())
+        stages["key_wait_s"] = time.perf_counter() - began
+        for block in [block for block in todo if block in store.complete]:
+            todo.remove(block)
+        return store
 
     def save(block: int, result: dict) -> None:
         nonlocal hardware
@@ -702,18 +725,20 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Pa
         stages["first_result_s"] = stages["first_result_s"] or began - started
         spans.append(result["span"])
         stages["stream_starts"] += result["first"]
-        if store.has(block):                # delivered twice (a retried call): the first one counts
+        saved = store or open_store()
+        if saved.has(block):                # done before (a retried call, or a resumed run's block)
             return
         hardware += result["hardware"]
         described = [{"index": i, "key": keys[i], "path": str(paths[i]),
                       "size": list(meta["size"]) if meta["size"] else None, "error": meta["error"],
                       "cpu_reason": meta["cpu_reason"]} for i, meta in zip(blocks[block], result["meta"])]
-        store.save(block, Shard(result["rows"], result["counts"], described), int(result["num_classes"]),
+        saved.save(block, Shard(result["rows"], result["counts"], described), int(result["num_classes"]),
                    {"seconds": result["seconds"], "hardware": result["hardware"], "where": result["where"]})
         stages["save_s"] += time.perf_counter() - began
 
-    try:
-        if todo:
+    with ThreadPoolExecutor(1, thread_name_prefix="run-key") as keyer:
+        keying = keyer.submit(key)
+        try:
             pool.wait_ready(1)
             dispatched, wall = time.perf_counter(), time.time()
             given_up = _Dispatch(ray, pool, plan, artifact, paths).run(todo, blocks, save)
@@ -721,16 +746,21 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, folder: Pa
             if spans:           # the actors' first start and last end against the loop (one host's clock)
                 stages["actors_start_s"] = min(span[0] for span in spans) - wall
                 stages["actors_end_s"] = wall + stages["dispatch_s"] - max(span[1] for span in spans)
+            saved = store or open_store()
             if given_up:
                 raise UserError(f"{len(given_up)} blocks failed {ATTEMPTS} times on the Ray cluster; run again to "
-                                f"resume from {folder}")
-        merging = time.perf_counter()
-        records = store.merge(blocks)
-        stages["merge_s"] = time.perf_counter() - merging
-    finally:
-        store.close()
-    return DistributedRun(records, store.num_classes, sum(made["seconds"] for made in store.complete.values()),
-                          store.folder, hardware, stages)
+                                f"resume from {saved.folder}")
+            merging = time.perf_counter()
+            shards = saved.merge(blocks)            # written in the store's thread while the results are made
+            results = [ImageResult(paths[d["index"]], d["key"], size, rows=rows, error=d["error"],
+                                   cpu_reason=d["cpu_reason"]) for shard in shards for d, size, rows in shard.entries()]
+            saved.flush()
+            stages["merge_s"] = time.perf_counter() - merging
+        finally:
+            if store is not None:
+                store.close()
+    return DistributedRun(results, saved.num_classes, sum(made["seconds"] for made in saved.complete.values()),
+                          saved.folder, hardware, stages)
 
 
 class RayExecutor:
@@ -773,16 +803,18 @@ class RayExecutor:
         keys = [str(key) for key in keys] if keys is not None else [str(path) for path in paths]
         started = time.perf_counter()
         pool = self.open() if self.pool is None else self.pool
-        key = {"run": self.plan.key(self.artifact), "inputs": input_key(keys, paths),
-               "block": block_size(self.plan, pool.on_gpu), "batch": self.plan.batch_size}
-        self.folder = run_folder(self.plan.workspace, key)
-        if self.fresh:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        keyed = time.perf_counter()
-        done = run(keys, paths, self.plan, self.artifact, self.folder, key, pool)
-        self.stages = {"key_s": keyed - started, **done.stages}     # the last run's driver timeline
-        results = [ImageResult(paths[record.index], record.key, record.size, rows=record.rows, error=record.error,
-                               cpu_reason=record.cpu_reason) for record in done.records]
-        yield BatchResult(results, done.inference_seconds, time.perf_counter() - started,
-                          cpu_decoded=sum(record.cpu_reason is not None for record in done.records),
+
+        def keyed() -> tuple[Path, dict]:
+            key = {"run": self.plan.key(self.artifact), "inputs": input_key(keys, paths),
+                   "block": block_size(self.plan, pool.on_gpu), "batch": self.plan.batch_size}
+            folder = run_folder(self.plan.workspace, key)
+            if self.fresh:
+                shutil.rmtree(folder, ignore_errors=True)
+            self.folder = folder
+            return folder, key
+
+        done = run(keys, paths, self.plan, self.artifact, keyed, pool)
+        self.stages = done.stages                   # the last run's driver timeline
+        yield BatchResult(done.results, done.inference_seconds, time.perf_counter() - started,
+                          cpu_decoded=sum(result.cpu_reason is not None for result in done.results),
                           hardware_decoded=done.hardware_decoded)
