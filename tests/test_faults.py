@@ -655,7 +655,7 @@ def kill_one_actor_mid_run(plan, artifact, paths: list[Path]) -> dict:
     executor = RayExecutor(plan, artifact, None, None, fresh=True)
     pool = executor.open()
     gpus = int(ray.cluster_resources()["GPU"])
-    assert pool.on_gpu and pool.size == gpus == len(pool.info) >= 2
+    assert pool.on_gpu and pool.size == gpus == len(pool.info) >= 1
     seen = {(info["node"], info["gpu_ids"][0]) for info in pool.info.values()}
     assert len(seen) == gpus and all(len(info["gpu_ids"]) == 1 and info["cuda_visible_devices"] == info["gpu_ids"][0]
                                      for info in pool.info.values()), pool.info
@@ -724,14 +724,15 @@ def test_ray_gpu_actor_killed_mid_run_on_declared_gpus(onnx_file, shared_dir, tm
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_ray_gpu_actor_killed_mid_run_on_gpus(tmp_path):
-    """Issue 19 on a machine with 2+ GPUs: one detector actor per GPU (GPU decode inside it where installed), one
+    """Issue 19 on a machine with GPUs: one detector actor per GPU (GPU decode inside it where installed), one
     killed mid-run -> every image exactly once, detections equal to the single-process run's (scores and boxes
-    within 1e-3). $SSD_RAY_ONNX names the converted file (no TensorFlow on GPU machines), $SSD_RAY_VOC the
-    VOC2007 folder (default: $SSD_SHARED_DIR's); $SSD_RAY_REPORT, if set, gets a JSON summary."""
+    within 1e-3); the others take its blocks, or with one GPU Ray restarts it there. $SSD_RAY_ONNX names the
+    converted file (no TensorFlow on GPU machines), $SSD_RAY_VOC the VOC2007 folder (default: $SSD_SHARED_DIR's);
+    $SSD_RAY_REPORT, if set, gets a JSON summary."""
     pytest.importorskip("ray")
     torch = pytest.importorskip("torch")
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs at least 2 CUDA GPUs")
+    if torch.cuda.device_count() < 1:
+        pytest.skip("needs a CUDA GPU")
     if not os.environ.get("SSD_RAY_ONNX"):
         pytest.skip("SSD_RAY_ONNX (a converted ONNX file) is not set")
     voc = Path(os.environ.get("SSD_RAY_VOC") or Path(os.environ.get("SSD_SHARED_DIR", "..")) / "data" / "VOCdevkit"
