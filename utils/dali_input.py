@@ -144,8 +144,8 @@ class DaliImageLoader:
 
     def grouped_batches(self, groups: Iterable[Sequence[Path]], batch_size: int) -> Iterator[InputBatch]:
         """InputBatch of each group of up to ``batch_size`` files, in order, as ``batches``; ``groups`` may be a
-        stream that grows while it is read, as long as asking it for the next group does not block (it ends
-        instead: DALI asks for groups ahead of the one it hands out)."""
+        stream that grows while it is read, as long as asking it for the next group never waits long (DALI and
+        the readers ask for groups ahead of the one they hand out: a stream should end rather than wait)."""
         def produce() -> Iterator[InputBatch]:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="read") as pool:
                 yield from self._decode_groups(read_ahead(groups, self._read, pool, PREFETCH_BATCHES), batch_size)

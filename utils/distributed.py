@@ -2,14 +2,15 @@
 one actor per GPU on a CUDA cluster, else CPU actors) detects, and the driver writes one shard per block.
 
 Blocks: on a CPU cluster a block is one batch (``plan.batch_size`` inputs), read and preprocessed by a CPU
-task. On a GPU cluster a block is BLOCK_BATCHES batches, so that each GPU runs large batches back to back;
-with ``plan.decode == "gpu"`` the actor reads and decodes the block on its own GPU (utils.gpu_input, the
-single-process path), else CPU tasks decode one batch each. Each actor sees only its GPU
-(CUDA_VISIBLE_DEVICES, set by Ray): device 0 inside it is its GPU. The pool lives as long as the executor,
-so later runs find its engines open and warm.
+task. On a GPU cluster a block is BLOCK_BATCHES batches; with ``plan.decode == "gpu"`` the actor reads and
+decodes them on its own GPU (utils.gpu_input, the single-process path), else CPU tasks decode one batch each.
+Each actor runs one detection stream (_Stream: the single process's loop) over the IN_FLIGHT blocks it is
+given at a time, so that its engine runs large batches back to back across blocks. Each actor sees only its
+GPU (CUDA_VISIBLE_DEVICES, set by Ray): device 0 inside it is its GPU. The pool lives as long as the
+executor, so later runs find its engines open and warm.
 
-Exactly once: a block is the unit of work and of output. The driver writes a block's shard atomically
-and then records it in ``manifest.json``; a block delivered twice is ignored, a block whose actor died
+Exactly once: a block is the unit of work and of output. The driver writes a block's shard atomically (in a
+writer thread) and then records it in ``manifest.json``; a block delivered twice is ignored, a block whose actor died
 (or whose input was lost with a node) is given to another actor, and a later run with the same key skips
 the blocks the manifest lists. The merged ``detections.npz`` holds every input once, in input order
 (``read_records``). Image paths and the workspace must be readable at the same path on every node.
@@ -259,7 +260,7 @@ class _Stream:
     drains only when nothing is queued, and starts again with the next block.
 
     ``decode``: groups of files -> InputBatch (the actor's GPU loader's ``grouped_batches``), or None when the
-    parts are InputBatch already. An error fails the oldest unfinished block (its call raises it: the driver
+    parts are InputBatch already. An error fails the block whose part raised it (its call raises it: the driver
     retries the block); the other blocks already taken in go back to the front of the queue."""
 
     def __init__(self, runner, decode=None):

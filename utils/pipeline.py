@@ -206,7 +206,8 @@ def chunked(items: Sequence, size: int) -> list:
 def read_ahead(groups: Iterable[Sequence], read: Callable, pool: ThreadPoolExecutor | None, depth: int) -> Iterator[list]:
     """``[read(x) for x in group]`` for each group, in order. With a pool, the reads of ``depth`` groups (the one
     handed out and those after it) run in its threads ahead of the caller; ``groups`` may be a stream that is
-    still growing (a Ray actor's blocks), as long as asking it for the next group does not block."""
+    still growing (a Ray actor's blocks), as long as asking it for the next group never waits long (group k is
+    handed out only once group k + depth - 1 has been asked for)."""
     if pool is None:
         for group in groups:
             yield [read(item) for item in group]
