@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from utils.run import detect_batches, detect_rows, overlapped
+from utils.run import detect_batches, image_rows, overlapped
 
 
 class Stages:
@@ -166,17 +166,17 @@ def test_launched_outputs_outlive_the_next_run(core_runner, voc_batches):
 def test_overlapped_runner_equals_detect(core_runner, voc_batches):
     """The real runner through overlapped with 2 in flight (the GPU's setting) gives detect's rows."""
     _, tensors = voc_batches
-    expected = [detect_rows(core_runner, tensor) for tensor in tensors]
+    expected = [image_rows(*core_runner.detect(tensor)) for tensor in tensors]
     done = list(overlapped(tensors, core_runner.launch, core_runner.finish, 2))
     for item, rows in zip(done, expected):
         detections, counts = item.result
-        for image, image_rows in enumerate(rows):
-            np.testing.assert_array_equal(detections[image, :counts[image]], image_rows)
+        for image, wanted in enumerate(rows):
+            np.testing.assert_array_equal(detections[image, :counts[image]], wanted)
 
 
 def test_detect_batches_reports_its_stages(core_runner, voc_batches):
     paths, tensors = voc_batches
-    expected = [rows for tensor in tensors for rows in detect_rows(core_runner, tensor)]
+    expected = [rows for tensor in tensors for rows in image_rows(*core_runner.detect(tensor))]
     results = list(detect_batches(core_runner, paths, 4))
     assert [len(batch.results) for batch in results] == [4, 4, 3]
     got = [result.rows for batch in results for result in batch.results]

@@ -42,7 +42,7 @@ from utils.artifact import Artifact
 from utils.errors import EXIT_USAGE, UserError
 from utils.files import atomic_path, os_reason, write_text_atomic
 from utils.pipeline import InputBatch, chunked
-from utils.run import BatchResult, ImageResult
+from utils.run import BatchResult, ImageResult, finish_batch, launch_batch, overlapped
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ class DistributedRun:
     results: list[ImageResult]
     num_classes: int
     inference_seconds: float          # summed over the detector calls that made the shards
-    folder: Path
     hardware_decoded: int = 0         # decode gpu: files the GPUs' hardware JPEG engines decoded
     stages: dict = field(default_factory=dict)   # the driver's timeline in seconds (see run())
 
@@ -185,10 +184,6 @@ def input_key(keys: list[str], paths: list[Path]) -> list:
             return [None, None]
         return [info.st_size, info.st_mtime_ns]
     return [[key, str(path), *stamp(path)] for key, path in zip(keys, paths)]
-
-
-def _blocks(count: int, size: int) -> list[range]:
-    return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 # --- the work: read tasks and detector actors ---------------------------------------------------------
@@ -307,8 +302,6 @@ class _Stream:
                 for part in block.parts:
                     tags.append(block)
                     yield part
-
-        from utils.run import finish_batch, launch_batch, overlapped  # noqa: PLC0415
 
         def launch(batch):
             nonlocal launched
@@ -548,7 +541,7 @@ class ShardStore:
         self.complete: dict[int, dict] = {}   # block -> {"seconds", "hardware", "where"}: on disk and listed
         self.saved: dict[int, Shard] = {}     # block -> its shard, for the blocks this run saved
         self.num_classes = 0
-        self.writes: list[Future] = []
+        self.writes: deque[Future] = deque()
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="shards")
         manifest = self.folder / MANIFEST
         if manifest.is_file():
@@ -573,7 +566,7 @@ class ShardStore:
         self.num_classes = num_classes
         self.writes.append(self.writer.submit(self._write, block, shard, made))
         if self.writes[0].done():
-            self.writes.pop(0).result()
+            self.writes.popleft().result()
 
     def _write(self, block: int, shard: Shard, made: dict) -> None:
         write_shards(self.shard_path(block), [shard])
@@ -585,7 +578,7 @@ class ShardStore:
     def flush(self) -> None:
         """Wait until every queued shard is written and listed (the first write error is raised here)."""
         while self.writes:
-            self.writes.pop(0).result()
+            self.writes.popleft().result()
 
     def close(self) -> None:
         """Finish the queued writes (errors ignored: flush reports them) and end the writer thread."""
@@ -632,9 +625,7 @@ class _Dispatch:
         if self.pool.on_gpu and self.plan.decode == "gpu":
             call = handle.detect_files.remote(files)
         else:
-            batch = self.plan.batch_size
-            reads = [self.read.remote(files[start:start + batch], self.input_size)
-                     for start in range(0, len(files), batch)]
+            reads = [self.read.remote(part, self.input_size) for part in chunked(files, self.plan.batch_size)]
             call = handle.detect_tensors.remote(*reads)
         self.calls[call] = (block, actor)
 
@@ -692,7 +683,7 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, keyed: Cal
     previous run with that key completed are then skipped (those already sent are detected again, not saved)."""
     ray = import_ray()
     started = time.perf_counter()
-    blocks = _blocks(len(paths), block_size(plan, pool.on_gpu))
+    blocks = chunked(range(len(paths)), block_size(plan, pool.on_gpu))
     todo = deque(range(len(blocks)))
     hardware = 0
     # the driver's timeline: the key (in its thread) and how long the driver waited for it, until the first block
@@ -716,8 +707,9 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, keyed: Cal
         began = time.perf_counter()
         store = ShardStore(*keying.result())
         stages["key_wait_s"] = time.perf_counter() - began
-        for block in [block for block in todo if block in store.complete]:
-            todo.remove(block)
+        remaining = [block for block in todo if block not in store.complete]
+        todo.clear()
+        todo.extend(remaining)
         return store
 
     def save(block: int, result: dict) -> None:
@@ -761,7 +753,7 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, keyed: Cal
             if store is not None:
                 store.close()
     return DistributedRun(results, saved.num_classes, sum(made["seconds"] for made in saved.complete.values()),
-                          saved.folder, hardware, stages)
+                          hardware, stages)
 
 
 class RayExecutor:

@@ -253,10 +253,8 @@ class GpuImageLoader:
 
         Reading runs ahead and one producer thread (its own CUDA stream) decodes and resizes the
         next batch while the caller works on this one (threads, not decode processes: without MPS the
-        GPU time-slices between processes; benchmarks/README.md). With DALI: DaliImageLoader.batches.
+        GPU time-slices between processes; benchmarks/README.md). With DALI: DaliImageLoader's.
         """
-        if self.dali is not None:
-            return self.dali.batches(paths, batch_size)
         return self.grouped_batches(chunked(list(paths), batch_size), batch_size)
 
     def grouped_batches(self, groups: Iterable[Sequence[Path]], batch_size: int) -> Iterator[InputBatch]:

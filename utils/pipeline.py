@@ -125,8 +125,8 @@ def load_batches(paths: Sequence[Path], batch_size: int, input_size: tuple[int, 
     """
     paths = list(paths)
     if workers <= 0 or len(paths) <= 1:
-        for start in range(0, len(paths), batch_size):
-            yield [load_one(path, input_size, keep_images) for path in paths[start:start + batch_size]]
+        for part in chunked(paths, batch_size):
+            yield [load_one(path, input_size, keep_images) for path in part]
         return
     budget = _Budget(PREFETCH_BYTES)
 

@@ -91,13 +91,6 @@ def collect_images(arguments: Sequence[str]) -> InputList:
     return found
 
 
-def detect_rows(runner: Runner, tensor) -> list[np.ndarray]:
-    """The [M, 7] detection rows of each image of a preprocessed batch (the step every executor runs)."""
-    if tensor is None or not len(tensor):
-        return []
-    return image_rows(*runner.detect(tensor))
-
-
 def image_rows(detections: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     """A runner's batch output -> the [M, 7] rows of each image."""
     return [valid_rows(detections[index], counts[index]) for index in range(len(detections))]
