@@ -12,7 +12,7 @@ import numpy as np
 
 from utils.anchors import grid_anchors
 from utils.postprocess import TF_CENTER, decode_boxes, multiclass_nms, sigmoid
-from utils.ssd_spec import AnchorSpec, NmsSpec
+from utils.ssd_spec import CLIP_AFTER_NMS, AnchorSpec, NmsSpec
 
 NMS_REQUIRED = {"shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0, "codeType": TF_CENTER,
                 "isNormalized": 1}
@@ -72,10 +72,12 @@ def nms_trt(loc: np.ndarray, priors: np.ndarray, conf: np.ndarray, attrs: Mappin
     scores = np.asarray(conf, np.float32).reshape(count, -1, int(attrs["numClasses"]))
     if int(attrs["confSigmoid"]):
         scores = sigmoid(scores)
+    # TensorRT's detectionInference decodes with clipBBox = false, runs NMS on the unclipped boxes and clips
+    # only the rows it writes (gatherTopDetections); rows whose clipped box has no area are kept.
     nms = NmsSpec(score_threshold=float(attrs["confidenceThreshold"]), iou_threshold=float(attrs["nmsThreshold"]),
-                  top_k=int(attrs["topK"]), keep_top_k=keep_top_k)
+                  top_k=int(attrs["topK"]), keep_top_k=keep_top_k, clip_order=CLIP_AFTER_NMS)
     detections, counts = multiclass_nms(decode_tf_center(loc, priors), scores, nms, max_candidates=nms.top_k,
-                                        clip_before_nms=True)
+                                        keep_empty=True)
     nms_out = np.zeros((count, 1, keep_top_k, 7), np.float32)
     nms_out[..., 0] = np.arange(count)[:, None, None]
     nms_out[..., 1] = -1

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from utils.anchors import grid_anchors
 from utils.converter import read_spec
 from utils.onnx_export import grid_anchor_fields, nms_fields
 from utils.postprocess import decode_boxes, multiclass_nms, sigmoid
-from utils.ssd_spec import AnchorSpec, NmsSpec, SsdSpec
+from utils.ssd_spec import CLIP_AFTER_NMS, AnchorSpec, NmsSpec, SsdSpec
 
 SPEC = SsdSpec(num_classes=3, input_size=(300, 300),
                anchors=AnchorSpec(feature_map_shapes=((19, 19), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1))),
@@ -83,13 +84,17 @@ def _nms_inputs(spec: SsdSpec, count: int, seed: int = 0):
 
 def test_nms_trt_equals_postprocess_on_decoded_inputs():
     loc, priors, conf = _nms_inputs(SPEC, count=2)
-    nms_out, nms_count = reference.nms_trt(loc, priors, conf, nms_fields(SPEC))
+    fields = nms_fields(SPEC)
+    assert fields["topK"] == min(SPEC.num_anchors, 4096) > SPEC.nms.top_k   # every anchor a candidate, as in TF
+    nms_out, nms_count = reference.nms_trt(loc, priors, conf, fields)
     assert nms_out.shape == (2, 1, 50, 7) and nms_out.dtype == np.float32
     assert nms_count.shape == (2, 1, 1, 1) and nms_count.dtype == np.int32
 
+    # TensorRT's NMS_TRT: NMS on the unclipped boxes over each class's best topK, the rows clipped, none dropped
     scores = sigmoid(conf.reshape(2, -1, SPEC.num_classes))
     decoded = decode_boxes(loc, grid_anchors(SPEC.anchors), SPEC.box_coder_scales)
-    expected, counts = multiclass_nms(decoded, scores, SPEC.nms, max_candidates=SPEC.nms.top_k, clip_before_nms=True)
+    plugin_nms = replace(SPEC.nms, top_k=fields["topK"], clip_order=CLIP_AFTER_NMS)
+    expected, counts = multiclass_nms(decoded, scores, plugin_nms, max_candidates=fields["topK"], keep_empty=True)
     np.testing.assert_array_equal(nms_count.reshape(-1), counts)
     assert (counts > 0).all()
     np.testing.assert_array_equal(nms_out[:, 0, :, :2], expected[..., :2])

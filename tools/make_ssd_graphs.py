@@ -59,6 +59,7 @@ class Variant:
     seed: int
     class_bias: float                    # mean of the class-logit biases
     class_std: float                     # spread of the class-logit weights (with the bias: a few scores above 0.3)
+    generation: str = "2019"             # the OD API post-processing's form: "2017" clips before NMS, later after
 
     @property
     def num_classes(self) -> int:
@@ -70,6 +71,10 @@ VARIANTS = {
                                         class_bias=-3.0, class_std=1.5),
     "ssd_mobilenet_v1_fpn_640": Variant(640, 640, None, fpn=True, seed=640, class_bias=-4.6,
                                         class_std=0.6),
+    "ssd_mobilenet_v1_2017_300": Variant(300, 300, None, fpn=False, seed=2017, class_bias=-3.0, class_std=1.0,
+                                         generation="2017"),
+    "ssd_mobilenet_v1_2017_480x300": Variant(300, 480, ("pallet", "forklift", "hard hat"), fpn=False, seed=2018,
+                                             class_bias=-2.0, class_std=1.5, generation="2017"),
 }
 SSD_ASPECT_RATIOS = (1.0, 2.0, 0.5, 3.0, 0.3333)
 FPN_ASPECT_RATIOS = (1.0, 2.0, 0.5)
@@ -329,7 +334,8 @@ def weight_shared_box_predictor(b: Builder, maps, count, num_class_slots, class_
 
 # --- post-processing (the OD API's FasterRcnnBoxCoder and batch_multiclass_non_max_suppression) ------------
 
-def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int, num_classes: int):
+def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int, num_classes: int,
+                generation: str = "2019"):
     tf1, raw = tf.compat.v1, tf.raw_ops
 
     def decode(codes, boxes):
@@ -348,10 +354,54 @@ def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int,
         with tf.name_scope("Gather"):
             return {key: tf.gather(value, index) for key, value in fields.items()}
 
+    def clip_to_window(fields):
+        """box_list_ops.clip_to_window(window [0, 0, 1, 1], filter_nonoverlapping=True): corners clipped, boxes
+        with no area dropped."""
+        with tf.name_scope("ClipToWindow"):
+            y0, x0, y1, x1 = tf.split(fields["boxes"], 4, axis=1)
+            window = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32)
+            win_y0, win_x0, win_y1, win_x1 = tf.unstack(window)
+            y0, y1 = (tf.maximum(tf.minimum(v, win_y1), win_y0) for v in (y0, y1))
+            x0, x1 = (tf.maximum(tf.minimum(v, win_x1), win_x0) for v in (x0, x1))
+            fields = {**fields, "boxes": tf.concat([y0, x0, y1, x1], 1)}
+            with tf.name_scope("Area"):
+                area = tf.squeeze((y1 - y0) * (x1 - x0), [1])
+            return gather(fields, tf.cast(tf.reshape(tf.where(area > 0.0), [-1]), tf.int32))
+
+    def multiclass_nms_2017(boxes, scores):
+        """post_processing.multiclass_non_max_suppression as the OD API's 2017 exports have it
+        (ssd_inception_v2_coco_2017_11_17, ../shared's InceptionV2 stand-in): per class the boxes above the
+        score threshold, clipped to the window with zero-area ones dropped, NMS (NonMaxSuppressionV2) on the
+        clipped boxes; the union sorted by score, the best max_total_size kept."""
+        with tf.name_scope("MultiClassNonMaxSuppression"):
+            selected = []
+            for class_index in range(num_classes):
+                fields = {"boxes": boxes, "scores": tf.reshape(scores[:, class_index], [-1])}
+                with tf.name_scope("FilterGreaterThan"):
+                    fields = gather(fields, tf.cast(tf.reshape(tf.where(fields["scores"] > SCORE_THRESH), [-1]),
+                                                    tf.int32))
+                fields = clip_to_window(fields)
+                keep = raw.NonMaxSuppressionV2(boxes=fields["boxes"], scores=fields["scores"],
+                                               max_output_size=tf.minimum(MAX_PER_CLASS, tf.shape(fields["boxes"])[0]),
+                                               iou_threshold=tf.constant(IOU_THRESH, tf.float32),
+                                               name="non_max_suppression/NonMaxSuppressionV2")
+                fields = gather(fields, keep)
+                fields["classes"] = tf.zeros_like(fields["scores"]) + float(class_index)
+                selected.append(fields)
+            with tf.name_scope("Concatenate"):
+                merged = {key: tf.concat([s[key] for s in selected], 0) for key in ("boxes", "scores", "classes")}
+            with tf.name_scope("SortByField"):
+                _, order = tf.nn.top_k(merged["scores"], tf.shape(merged["boxes"])[0], sorted=True)
+                merged = gather(merged, order)
+            total = tf.minimum(MAX_TOTAL, tf.shape(merged["boxes"])[0])
+            return gather(merged, tf.range(total)), total
+
     def multiclass_nms(boxes, scores):
-        """post_processing.multiclass_non_max_suppression as the OD API exports since 2018 do it (the real
+        """post_processing.multiclass_non_max_suppression as the OD API exports since 2019 do it (the real
         pedestrian graph too): NMS per class on the decoded boxes, the union sorted by score, then clipped to
         the window [0, 0, 1, 1] with zero-area boxes dropped, then the best max_total_size."""
+        if generation == "2017":
+            return multiclass_nms_2017(boxes, scores)
         with tf.name_scope("MultiClassNonMaxSuppression"):
             selected = []
             for class_index in range(num_classes):
@@ -369,14 +419,7 @@ def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int,
             with tf.name_scope("SortByField"):
                 _, order = tf.nn.top_k(merged["scores"], tf.shape(merged["boxes"])[0], sorted=True)
                 merged = gather(merged, order)
-            with tf.name_scope("ClipToWindow"):
-                y0, x0, y1, x1 = tf.split(merged["boxes"], 4, axis=1)
-                y0, y1 = (tf.maximum(tf.minimum(v, 1.0), 0.0) for v in (y0, y1))
-                x0, x1 = (tf.maximum(tf.minimum(v, 1.0), 0.0) for v in (x0, x1))
-                merged["boxes"] = tf.concat([y0, x0, y1, x1], 1)
-                with tf.name_scope("Area"):
-                    area = tf.squeeze((y1 - y0) * (x1 - x0), [1])
-                merged = gather(merged, tf.cast(tf.reshape(tf.where(area > 0.0), [-1]), tf.int32))
+            merged = clip_to_window(merged)
             total = tf.minimum(MAX_TOTAL, tf.shape(merged["boxes"])[0])
             return gather(merged, tf.range(total)), total
 
@@ -463,7 +506,8 @@ def build(variant: Variant, seed: int | None = None):
             "concat", "concat_1", "Concatenate/concat")
         if not variant.fpn:
             box_encodings = tf.squeeze(box_encodings, axis=2)
-        postprocess(tf, box_encodings, class_predictions, anchors, num_anchors, variant.num_classes)
+        postprocess(tf, box_encodings, class_predictions, anchors, num_anchors, variant.num_classes,
+                    variant.generation)
     outputs = ["detection_boxes", "detection_scores", "detection_classes", "num_detections"]
     return tf1.graph_util.extract_sub_graph(graph.as_graph_def(), outputs)
 

@@ -20,7 +20,7 @@ from utils.models import ResolvedModel
 from utils.spec_reader import input_size, read_ssd_spec
 from utils.ssd_spec import NmsOverrides, SsdSpec  # noqa: F401  (NmsOverrides: re-exported)
 
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3   # 3: the clip order (before / after NMS) read from the graph
 log = logging.getLogger(__name__)
 
 

@@ -4,8 +4,8 @@ Flavour ``core``: the network, TF_CENTER decoding against constant anchors and s
 runs outside (utils.postprocess). Flavour ``portable``: constant anchors and standard ONNX ops (NonMaxSuppression, TopK, ...), run by
 ONNX Runtime and by TensorRT's INMSLayer. It reproduces TF's post-processing: TF_CENTER decoding
 with the box-coder scales, sigmoid scores, per-class NMS without background, the union sorted by
-score, boxes clipped to [0, 1] (zero-area ones dropped, as TF's ClipToWindow does), the best
-keepTopK kept. The outputs are those of NMS_TRT:
+score, boxes clipped to [0, 1] (zero-area ones dropped, as TF's ClipToWindow does) before or after the
+NMS as the graph does it (SsdSpec.nms.clip_order), the best keepTopK kept. The outputs are those of NMS_TRT:
 ``detections`` [N, keepTopK, 7] = (image_id, label, confidence, xmin, ymin, xmax, ymax) and
 ``num_detections`` [N] int32; unused rows hold (image_id, -1, 0, 0, 0, 0, 0) as NMS_TRT's do.
 """
@@ -142,8 +142,21 @@ def add_portable_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[
                                 build.const("bg_axis", np.array([2], np.int64))])    # [N, A, C-1]
     scores = build.op("Transpose", [scores], {"perm": [0, 2, 1]})                   # [N, C-1, A]
 
+    # Boxes clipped to the window, and which have an area once clipped (utils.postprocess.window_boxes).
+    clipped = build.op("Clip", [boxes, build.const("zero", np.float32(0.0)), build.const("one_f", np.float32(1.0))])
+    mins, maxs = build.op("Split", [clipped, build.const("split_corners", np.array([2, 2], np.int64))],
+                          {"axis": 2}, num_outputs=2)
+    extent = build.op("Sub", [maxs, mins])                                           # [N, A, 2]
+    area = build.op("ReduceProd", [extent], {"axes": [2], "keepdims": 0})           # [N, A]
+    has_area = build.op("Greater", [area, build.const("zero_area", np.float32(0.0))])
+    has_area = build.op("Unsqueeze", [has_area, build.const("class_axis", np.array([1], np.int64))])
+    nms_boxes, nms_scores = boxes, scores
+    if spec.nms.clips_before_nms:    # the 2017 order: NMS on the clipped boxes, zero-area ones left out
+        nms_boxes = clipped
+        nms_scores = build.op("Where", [has_area, scores, build.const("no_area_score", np.float32(-1.0))])
+
     selected = build.op("NonMaxSuppression", [
-        boxes, scores,
+        nms_boxes, nms_scores,
         build.const("max_per_class", np.array([spec.nms.top_k], np.int64)),
         build.const("iou_threshold", np.array([spec.nms.iou_threshold], np.float32)),
         build.const("score_threshold", np.array([spec.nms.score_threshold], np.float32)),
@@ -157,13 +170,6 @@ def add_portable_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[
     zeros = build.op("ConstantOfShape", [build.op("Shape", [scores])],
                      {"value": gs.Constant("zero_fill", np.array([0.0], np.float32))})
     mask = build.op("ScatterND", [zeros, selected, ones])                            # [N, C-1, A]
-    clipped = build.op("Clip", [boxes, build.const("zero", np.float32(0.0)), build.const("one_f", np.float32(1.0))])
-    mins, maxs = build.op("Split", [clipped, build.const("split_corners", np.array([2, 2], np.int64))],
-                          {"axis": 2}, num_outputs=2)
-    extent = build.op("Sub", [maxs, mins])                                           # [N, A, 2]
-    area = build.op("ReduceProd", [extent], {"axes": [2], "keepdims": 0})           # [N, A]
-    has_area = build.op("Greater", [area, build.const("zero_area", np.float32(0.0))])
-    has_area = build.op("Unsqueeze", [has_area, build.const("class_axis", np.array([1], np.int64))])
     keep = build.op("And", [build.op("Greater", [mask, build.const("half", np.float32(0.5))]), has_area])
     ranked = build.op("Where", [keep, scores, build.const("minus_one", np.float32(-1.0))])
     ranked = build.op("Reshape", [ranked, build.const("flat_shape", np.array([0, -1], np.int64))])
@@ -236,11 +242,22 @@ def constant_priors(spec: SsdSpec) -> np.ndarray:
     return np.stack([corners, variances]).astype(np.float32)[..., None]
 
 
+NMS_TRT_MAX_TOP_K = 4096   # TensorRT's allClassNMS launches at most 8 x 512 threads a class: topK <= 4096
+
+
+def nms_trt_top_k(spec: SsdSpec) -> int:
+    """NMS_TRT's topK: the candidates of each class it runs NMS over, which are also the most it keeps a class.
+    TF runs NMS over every box of a class and keeps max_detections_per_class; with topK = every anchor (up to
+    TensorRT's 4096) NMS_TRT sees the same candidates, and the rows beyond max_detections_per_class it may keep
+    never reach the best keepTopK while keepTopK <= max_detections_per_class (the OD API's configs)."""
+    return int(min(max(spec.nms.top_k, spec.num_anchors), NMS_TRT_MAX_TOP_K))
+
+
 def nms_fields(spec: SsdSpec) -> dict:
     """NMS_TRT's fields for a spec, inputs in the order (loc, priors, conf)."""
     keep_top_k = spec.max_detections
     return {"shareLocation": 1, "varianceEncodedInTarget": 0, "backgroundLabelId": 0,
-            "numClasses": int(spec.num_classes), "topK": int(spec.nms.top_k), "keepTopK": int(keep_top_k),
+            "numClasses": int(spec.num_classes), "topK": nms_trt_top_k(spec), "keepTopK": int(keep_top_k),
             "confidenceThreshold": float(spec.nms.score_threshold), "nmsThreshold": float(spec.nms.iou_threshold),
             "inputOrder": [0, 2, 1], "confSigmoid": 1, "isNormalized": 1, "codeType": TF_CENTER}
 
@@ -281,17 +298,81 @@ def add_trt_plugin_postprocessing(model_proto, spec: SsdSpec, extra_outputs: lis
         graph.layer(op="FlattenConcat_TRT", name=name, domain=PLUGIN_DOMAIN,
                     inputs=[tensors[tensor] for tensor in inputs],
                     outputs=[output], attrs={"axis": 1, "ignoreBatch": 0, **plugin})
+    if spec.nms.clips_before_nms:
+        loc, conf = _clipped_before_nms(build, loc, conf, spec)
     fields = nms_fields(spec)
     keep_top_k = fields["keepTopK"]
     nms_out = gs.Variable("nms_out", np.float32, ["N", 1, keep_top_k, 7])
     nms_count = gs.Variable("nms_count", np.int32, ["N", 1, 1, 1])
     graph.layer(op="NMS_TRT", name=f"{POST_PREFIX}NMS", domain=PLUGIN_DOMAIN, inputs=[loc, prior_box, conf],
                 outputs=[nms_out, nms_count], attrs={**fields, **plugin})
-    detections = build.op("Reshape", [nms_out, build.const("det_shape", np.array([0, keep_top_k, 7], np.int64))],
-                          name=DETECTIONS, dtype=np.float32, shape=["N", keep_top_k, 7])
-    num_detections = build.op("Reshape", [nms_count, build.const("count_shape", np.array([-1], np.int64))],
-                              name=NUM_DETECTIONS, dtype=np.int32, shape=["N"])
+    rows = build.op("Reshape", [nms_out, build.const("det_shape", np.array([0, keep_top_k, 7], np.int64))])
+    detections, num_detections = _windowed_rows(build, rows, keep_top_k)
     return _export(graph, [detections, num_detections], spec)
+
+
+def _clipped_before_nms(build: _Builder, loc, conf, spec: SsdSpec):
+    """NMS_TRT's inputs for a graph that clips before NMS (TF's 2017 exports). NMS_TRT decodes without clipping
+    and runs NMS on the unclipped boxes, so the box encodings it gets are those of the clipped boxes (decoded,
+    clipped to [0, 1], encoded again against the same anchors), and the class logits of boxes with no area once
+    clipped are set to -1e4 (sigmoid 0, below every threshold): NMS_TRT then sees TF's candidates and IoUs."""
+    num_anchors, num_classes = spec.num_anchors, spec.num_classes
+    centers, sizes = anchor_math.to_center_size(anchor_math.anchor_boxes(spec))
+    y_scale, x_scale, h_scale, w_scale = spec.box_coder_scales
+    boxes = _decode_boxes(build, loc, spec)                                          # [N, A, 4] y-first
+    boxes = build.op("Clip", [boxes, build.const("pre_zero", np.float32(0.0)), build.const("pre_one", np.float32(1.0))])
+    mins, maxs = build.op("Split", [boxes, build.const("pre_corners", np.array([2, 2], np.int64))], {"axis": 2},
+                          num_outputs=2)
+    extent = build.op("Sub", [maxs, mins])                                           # [N, A, 2] (h, w)
+    has_area = build.op("Greater", [build.op("ReduceProd", [extent], {"axes": [2], "keepdims": 1}),
+                                    build.const("pre_no_area", np.float32(0.0))])    # [N, A, 1]
+    middle = build.op("Div", [build.op("Add", [mins, maxs]), build.const("pre_two", np.float32(2.0))])
+    center_codes = build.op("Mul", [build.op("Div", [build.op("Sub", [middle, build.const("pre_centers", centers)]),
+                                                     build.const("pre_sizes", sizes)]),
+                                    build.const("pre_center_scale", np.array([y_scale, x_scale], np.float32))])
+    extent = build.op("Max", [extent, build.const("pre_tiny", np.float32(1e-10))])   # log of a finite size
+    size_codes = build.op("Mul", [build.op("Log", [build.op("Div", [extent, build.const("pre_sizes_2", sizes)])]),
+                                  build.const("pre_size_scale", np.array([h_scale, w_scale], np.float32))])
+    codes = build.op("Concat", [center_codes, size_codes], {"axis": 2})
+    loc = build.op("Reshape", [codes, build.const("pre_loc_shape", np.array([0, num_anchors * 4, 1, 1], np.int64))],
+                   dtype=np.float32, shape=["N", num_anchors * 4, 1, 1])
+    logits = build.op("Reshape", [conf, build.const("pre_conf_rows", np.array([0, num_anchors, num_classes], np.int64))])
+    logits = build.op("Where", [has_area, logits, build.const("pre_no_score", np.float32(-1e4))])
+    conf = build.op("Reshape", [logits, build.const("pre_conf_shape",
+                                                     np.array([0, num_anchors * num_classes, 1, 1], np.int64))],
+                    dtype=np.float32, shape=["N", num_anchors * num_classes, 1, 1])
+    return loc, conf
+
+
+def _windowed_rows(build: _Builder, rows, keep_top_k: int):
+    """NMS_TRT's rows [N, K, 7] as TF gives them: rows whose (clipped) box has no area dropped (NMS_TRT keeps
+    them; TF drops them), the rest moved up in their order -> (detections [N, K, 7], num_detections [N])."""
+    head, box = build.op("Split", [rows, build.const("row_split", np.array([3, 4], np.int64))], {"axis": 2},
+                         num_outputs=2)                                           # [N, K, 3], [N, K, 4] x-first
+    mins, maxs = build.op("Split", [box, build.const("row_corners", np.array([2, 2], np.int64))], {"axis": 2},
+                          num_outputs=2)
+    area = build.op("ReduceProd", [build.op("Sub", [maxs, mins])], {"axes": [2], "keepdims": 0})     # [N, K]
+    label = build.op("Gather", [head, build.const("label_column", np.int64(1))], {"axis": 2})       # [N, K]
+    score = build.op("Gather", [head, build.const("score_column", np.int64(2))], {"axis": 2})
+    valid = build.op("And", [build.op("Greater", [area, build.const("row_no_area", np.float32(0.0))]),
+                             build.op("Greater", [label, build.const("row_no_label", np.float32(-0.5))])])
+    key = build.op("Where", [valid, score, build.const("row_dropped", np.float32(-1.0))])
+    top_key, order = build.op("TopK", [key, build.const("row_count", np.array([keep_top_k], np.int64))],
+                              {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)   # stable: ties keep order
+    gather_index = build.op("Unsqueeze", [order, build.const("row_index_axis", np.array([2], np.int64))])
+    rows = build.op("GatherND", [build.op("Concat", [head, box], {"axis": 2}), gather_index], {"batch_dims": 1})
+    kept = build.op("Greater", [top_key, build.const("row_kept", np.float32(-0.5))])                # [N, K]
+    image_id, fields = build.op("Split", [rows, build.const("row_id_split", np.array([1, 6], np.int64))],
+                                {"axis": 2}, num_outputs=2)
+    unused = build.const("row_unused", np.array([-1, 0, 0, 0, 0, 0], np.float32))
+    fields = build.op("Where", [build.op("Unsqueeze", [kept, build.const("row_kept_axis", np.array([2], np.int64))]),
+                                fields, unused])
+    detections = build.op("Concat", [image_id, fields], {"axis": 2}, name=DETECTIONS, dtype=np.float32,
+                          shape=["N", keep_top_k, 7])
+    num_detections = build.op("ReduceSum", [build.op("Cast", [valid], {"to": 6}),
+                                            build.const("row_sum_axis", np.array([1], np.int64))],
+                              {"keepdims": 0}, name=NUM_DETECTIONS, dtype=np.int32, shape=["N"])
+    return detections, num_detections
 
 
 POSTPROCESSING = {"portable": add_portable_postprocessing, "core": add_core_postprocessing,

@@ -5,6 +5,9 @@ decoding, sigmoid scores, per-class greedy NMS without the background class (box
 the threshold, at most top_k kept per class, a box suppressed when its IoU with a kept one exceeds
 the threshold), the union sorted by score (ties: lower class, then lower anchor first), boxes
 clipped to [0, 1] with zero-area ones dropped, the best keep_top_k kept, in NMS_TRT's 7-tuple form.
+Where the clipping happens is the graph's (``NmsSpec.clip_order``, read by utils.tf_graph.clip_order):
+after NMS (exports since 2018), or before it (2017 exports: every class's boxes clipped and the
+zero-area ones dropped, then NMS on the clipped boxes). ``window_boxes`` is that one place.
 """
 
 from __future__ import annotations
@@ -87,21 +90,36 @@ def nms_per_class(boxes: np.ndarray, class_scores: np.ndarray, nms: NmsSpec,
     return np.concatenate(kept_rows), np.concatenate(kept_anchors)
 
 
+def window_boxes(xp, boxes, scores, nms: NmsSpec):
+    """The boxes and scores NMS sees, and the boxes clipped to the window: (nms_boxes, nms_scores, clipped).
+
+    Clip after NMS: the decoded boxes and scores as they are. Clip before NMS (TF's 2017 exports): the
+    clipped boxes, and the scores of boxes with no area once clipped set to -1, below every threshold, so
+    they neither take part in NMS nor count towards top_k (as TF's ClipToWindow + Gather drop them).
+    """
+    clipped = xp.clip(boxes, min=0.0, max=1.0)
+    if not nms.clips_before_nms:
+        return boxes, scores, clipped
+    has_area = (clipped[..., 2] - clipped[..., 0]) * (clipped[..., 3] - clipped[..., 1]) > 0
+    return clipped, xp.where(has_area[..., None], scores, xp.full_like(scores, -1.0)), clipped
+
+
 def multiclass_nms(boxes: np.ndarray, scores: np.ndarray, nms: NmsSpec, max_candidates: int | None = None,
-                   clip_before_nms: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   keep_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Decoded boxes [N, A, 4] and sigmoid scores [N, A, C] (class 0 = background) -> NMS_TRT outputs.
 
     Returns detections float32 [N, keep_top_k, 7] (image_id, label, confidence, xmin, ymin, xmax,
     ymax) and num_detections int32 [N]; unused rows are (image_id, -1, 0, 0, 0, 0, 0).
-    The defaults are TF's semantics; NMS_TRT's are ``max_candidates=topK, clip_before_nms=True``
-    (it clips while decoding and keeps zero-area boxes).
+    The defaults are TF's semantics, clipping where ``nms.clip_order`` says. NMS_TRT's are
+    ``max_candidates=topK, keep_empty=True`` with the clip order after NMS: its candidates are each
+    class's best topK, and rows whose clipped box has no area are kept.
     """
     count, anchors, classes = scores.shape
     keep = nms.rows(anchors, classes)
-    clipped = np.clip(boxes, 0.0, 1.0)
+    boxes, scores, clipped = window_boxes(np, boxes, scores, nms)
     has_area = np.prod(clipped[..., 2:] - clipped[..., :2], axis=-1) > 0
-    if clip_before_nms:
-        boxes, has_area = clipped, np.ones_like(has_area)
+    if keep_empty:
+        has_area = np.ones_like(has_area)
     detections = np.zeros((count, keep, 7), np.float32)
     detections[..., 0] = np.arange(count)[:, None]
     detections[..., 1] = -1
@@ -171,6 +189,7 @@ def _batch_nms(xp, boxes, scores, nms: NmsSpec, candidates: int):
     """
     count, anchors, classes = scores.shape
     keep_count = nms.rows(anchors, classes)
+    boxes, scores, _ = window_boxes(xp, boxes, scores, nms)
     flat = xp.reshape(xp.permute_dims(scores[:, :, 1:], (0, 2, 1)), (count, -1))   # class-major: c * A + a
     total = flat.shape[1]
     candidates = min(candidates, total)

@@ -264,5 +264,6 @@ def read_ssd_spec(graph_def, core_graph_def, ssd_nodes: tf_graph.SsdGraphNodes,
         nms=NmsSpec(score_threshold=values.get("score_threshold", nms_defaults.score_threshold),
                     iou_threshold=values.get("iou_threshold", nms_defaults.iou_threshold),
                     top_k=values.get("top_k", nms_defaults.top_k),
-                    keep_top_k=values.get("keep_top_k", nms_defaults.keep_top_k)),
+                    keep_top_k=values.get("keep_top_k", nms_defaults.keep_top_k),
+                    clip_order=tf_graph.clip_order(graph_def, graph_path)),
     )

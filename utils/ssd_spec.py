@@ -69,14 +69,28 @@ class AnchorSpec:
         return len(self.aspect_ratios) + (1 if self.interpolated_scale_aspect_ratio > 0 else 0)
 
 
+# Where the graph's post-processing clips the decoded boxes to the window [0, 0, 1, 1] (read from the graph by
+# utils.tf_graph.clip_order): the OD API's exports of 2017 clip every class's boxes and drop the zero-area ones
+# BEFORE the per-class NMS (IoUs of clipped boxes); later exports run NMS on the unclipped boxes and clip the
+# sorted union AFTER it (then drop zero-area ones). NMS_TRT's clipBoxes clips before NMS too.
+CLIP_BEFORE_NMS = "before_nms"
+CLIP_AFTER_NMS = "after_nms"
+CLIP_ORDERS = (CLIP_BEFORE_NMS, CLIP_AFTER_NMS)
+
+
 @dataclass(frozen=True)
 class NmsSpec:
-    """Per-class NMS parameters (TF's batch_non_max_suppression = NMS_TRT's fields)."""
+    """Per-class NMS parameters (TF's batch_non_max_suppression = NMS_TRT's fields) and the graph's clip order."""
 
     score_threshold: float = 1e-8
     iou_threshold: float = 0.6
     top_k: int = 100        # boxes kept per class (TF max_detections_per_class)
     keep_top_k: int = 100   # boxes kept per image (TF max_total_detections)
+    clip_order: str = CLIP_AFTER_NMS   # CLIP_BEFORE_NMS or CLIP_AFTER_NMS (files written before it existed: after)
+
+    @property
+    def clips_before_nms(self) -> bool:
+        return self.clip_order == CLIP_BEFORE_NMS
 
     def rows(self, num_anchors: int, num_classes: int) -> int:
         """Detection rows per image: keepTopK, at most one per (anchor, foreground class) pair."""
@@ -140,8 +154,11 @@ class SsdSpec:
         anchors = data["anchors"]
         anchors = AnchorSpec(**{**anchors, "aspect_ratios": tuple(anchors["aspect_ratios"]),
                                 "feature_map_shapes": tuple(tuple(s) for s in anchors["feature_map_shapes"])})
+        nms = NmsSpec(**data["nms"])
+        if nms.clip_order not in CLIP_ORDERS:
+            raise ValueError(f"clip_order {nms.clip_order!r} is not one of {', '.join(CLIP_ORDERS)}")
         return cls(num_classes=int(data["num_classes"]), input_size=tuple(data["input_size"]), anchors=anchors,
-                   box_coder_scales=tuple(data["box_coder_scales"]), nms=NmsSpec(**data["nms"]))
+                   box_coder_scales=tuple(data["box_coder_scales"]), nms=nms)
 
     def with_nms(self, **overrides) -> "SsdSpec":
         """Copy with some NMS parameters replaced (None values are ignored)."""

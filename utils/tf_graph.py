@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from utils.errors import UserError
+from utils.ssd_spec import CLIP_AFTER_NMS, CLIP_BEFORE_NMS
 
 INPUT_NAME = "Input"   # = utils.artifact.INPUT (the ONNX input keeps the placeholder's name)
 BOX_CONCAT = "concat"
@@ -151,6 +152,62 @@ def find_ssd_nodes(graph_def, path: Path | str = "graph") -> SsdGraphNodes:
                          box_concat=BOX_CONCAT, class_concat=CLASS_CONCAT, anchor_concat=anchors[0],
                          predictor_heads=heads, anchor_generator="multiscale" if multiscale else "ssd",
                          resizer="keep_aspect_ratio_resizer" if to_range else "fixed_shape_resizer")
+
+
+# The per-class NMS ops of TF's image ops (tf.image.non_max_suppression in the OD API's MultiClassNonMaxSuppression).
+NMS_OPS = ("NonMaxSuppression", "NonMaxSuppressionV2", "NonMaxSuppressionV3", "NonMaxSuppressionV4",
+           "NonMaxSuppressionV5")
+POSTPROCESSOR = "Postprocessor/"
+_DT_FLOAT = 1   # tensorflow.DataType.DT_FLOAT
+
+
+def _clips(node) -> bool:
+    """A float Minimum / Maximum: how box_list_ops.clip_to_window (ClipToWindow) clips coordinates to the window."""
+    return node.op in ("Minimum", "Maximum") and node.attr["T"].type == _DT_FLOAT
+
+
+def _reaches(start: list[str], edges: dict[str, list[str]], nodes: dict) -> bool:
+    """Whether a clipping node is among ``start`` and what ``edges`` lead to from them, inside the Postprocessor."""
+    seen, todo = set(), [name for name in start if name.startswith(POSTPROCESSOR)]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in nodes:
+            continue
+        seen.add(name)
+        if _clips(nodes[name]):
+            return True
+        todo.extend(other for other in edges.get(name, ()) if other.startswith(POSTPROCESSOR))
+    return False
+
+
+def clip_order(graph_def, path: Path | str = "graph") -> str:
+    """Where the graph's post-processing clips the boxes to the window, read from its data flow:
+    CLIP_BEFORE_NMS when clipping feeds the boxes input of the per-class NonMaxSuppression (the OD API's
+    2017 exports), CLIP_AFTER_NMS when it follows the NMS's selection (later exports). A graph where
+    neither can be read gives a one-line UserError: converting it would mean guessing."""
+    nodes = {node.name: node for node in graph_def.node}
+    nms = [node for node in graph_def.node if node.name.startswith(POSTPROCESSOR) and node.op in NMS_OPS]
+    if not nms:
+        ops = sorted({node.op for node in graph_def.node if node.name.startswith(POSTPROCESSOR)
+                      and "NonMaxSuppression" in node.op})
+        found = f" (it has {', '.join(ops)})" if ops else ""
+        raise UserError(f"'{path}': cannot read where its post-processing clips the boxes: no per-class "
+                        f"NonMaxSuppression under Postprocessor/{found}; only the TF Object Detection API's "
+                        "BatchMultiClassNonMaxSuppression post-processing is supported")
+    inputs = {name: [i.split(":")[0] for i in node.input if not i.startswith("^")] for name, node in nodes.items()}
+    before = {_reaches([inputs[node.name][0]], inputs, nodes) for node in nms}
+    if before == {True}:
+        return CLIP_BEFORE_NMS
+    consumers: dict[str, list[str]] = {}
+    for name, sources in inputs.items():
+        for source in sources:
+            consumers.setdefault(source, []).append(name)
+    after = {_reaches(consumers.get(node.name, []), consumers, nodes) for node in nms}
+    if before == {False} and after == {True}:
+        return CLIP_AFTER_NMS
+    raise UserError(f"'{path}': cannot read where its post-processing clips the boxes to the window (before or "
+                    f"after the NonMaxSuppression of {len(nms)} class(es)): no consistent ClipToWindow found; only "
+                    "the TF Object Detection API's BatchMultiClassNonMaxSuppression post-processing is supported")
 
 
 def extract_core(graph_def, ssd_nodes: SsdGraphNodes, input_size: tuple[int, int]):
