@@ -106,6 +106,8 @@ GENERATOR = REPO_ROOT / "tools" / "make_ssd_graphs.py"
 GRAPH_CACHE = Path(os.environ.get("SSD_GRAPH_CACHE") or REPO_ROOT / "workspace" / "test-graphs")
 NONSQUARE_NAME = "ssd_mobilenet_v1_640x360"
 FPN_NAME = "ssd_mobilenet_v1_fpn_640"
+CLIP_2017_NAME = "ssd_mobilenet_v1_2017_480x300"
+CLIP_2017_SQUARE_NAME = "ssd_mobilenet_v1_2017_300"
 
 
 def generated_graph_folder(variant: str) -> Path:
@@ -139,3 +141,19 @@ def fpn_model():
     from utils.models import resolve_model
 
     return resolve_model(str(generated_graph_folder(FPN_NAME)), WORKSPACE)
+
+
+@pytest.fixture(scope="session")
+def clip_2017_model():
+    """SSD MobileNetV1 at 480x300 with the OD API's 2017 post-processing (boxes clipped before NMS), 3 classes."""
+    from utils.models import resolve_model
+
+    return resolve_model(str(generated_graph_folder(CLIP_2017_NAME)), WORKSPACE)
+
+
+@pytest.fixture(scope="session")
+def clip_2017_square_model():
+    """SSD MobileNetV1 at 300x300 with the OD API's 2017 post-processing (boxes clipped before NMS), 90 classes."""
+    from utils.models import resolve_model
+
+    return resolve_model(str(generated_graph_folder(CLIP_2017_SQUARE_NAME)), WORKSPACE)

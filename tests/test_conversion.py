@@ -5,6 +5,7 @@ import onnx
 import pytest
 
 from conftest import IMAGES_DIR, open_model
+from parity import assert_same_detections
 from utils import tf_graph
 from utils.anchors import grid_anchors
 from utils.converter import NmsOverrides, convert, read_spec
@@ -47,27 +48,18 @@ def test_core_graph_has_one_input_and_no_assert_or_identity(pedestrian_model):
                    for node in core.node)
 
 
-def _compare_with_tensorflow(model, paths, rtol_scores=1e-3):
-    """Run the ONNX (onnxruntime) and the frozen graph (tensorflow) on the same pixels."""
+def _compare_with_tensorflow(model, paths):
+    """Run the ONNX (onnxruntime) and the frozen graph (tensorflow) on the same pixels: the detections above 0.3
+    pair up (tests/parity.py). Returns (worst |score| difference, worst |box| difference)."""
     batch = _batch(paths)
     with open_model(model, batch_size=len(paths)) as onnx_runner, \
             open_model(model, "tensorflow", batch_size=len(paths)) as tf_runner:
         ours, our_counts = onnx_runner.detect(batch)
         ref, ref_counts = tf_runner.detect(batch)
-    worst_box = worst_score = 0.0
-    for index in range(len(paths)):
-        mine = valid_rows(ours[index], our_counts[index], 0.3)
-        theirs = valid_rows(ref[index], ref_counts[index], 0.3)
-        assert mine.shape == theirs.shape, f"{paths[index].name}: {len(mine)} vs {len(theirs)} detections above 0.3"
-        np.testing.assert_array_equal(mine[:, :2], theirs[:, :2])
-        if len(mine):
-            worst_score = max(worst_score, float(np.abs(mine[:, 2] - theirs[:, 2]).max()))
-            worst_box = max(worst_box, float(np.abs(mine[:, 3:] - theirs[:, 3:]).max()))
-        # the whole top-100 list too, as far as both have it
-        count = min(our_counts[index], ref_counts[index])
-        np.testing.assert_allclose(ours[index, :count, 2], ref[index, :count, 2], atol=1e-3)
-    assert worst_score <= 1e-3 and worst_box <= 1e-3
-    return worst_score, worst_box
+    result = assert_same_detections(ours, our_counts, ref, ref_counts, 0.3, names=[p.name for p in paths],
+                                    what="ONNX vs TensorFlow")
+    assert result.paired > 0, "no detection above 0.3: the comparison would be empty"
+    return result.worst_score, result.worst_box
 
 
 def test_onnx_equals_tensorflow_on_real_photos(pedestrian_model, shared_dir):
@@ -170,10 +162,8 @@ def test_our_preprocessing_equals_the_graphs_own(pedestrian_model, shared_dir):
         reference = to_nms_trt_form(*session.run([f"{name}:0" for name in OUTPUTS],
                                                  {"image_tensor:0": np.asarray(image)[None]}))
         ours = backend.detect(preprocess(image)[None])
-        theirs_rows = valid_rows(reference[0][0], reference[1][0], 0.3)
-        our_rows = valid_rows(ours[0][0], ours[1][0], 0.3)
-        assert our_rows.shape == theirs_rows.shape, path.name
-        np.testing.assert_allclose(our_rows, theirs_rows, atol=1e-3)
+        assert_same_detections(ours[0], ours[1], reference[0], reference[1], 0.3, names=[path.name],
+                               what="our resize vs the graph's", score_tol=1e-3)
 
 
 @pytest.mark.parametrize("model_fixture", ["pedestrian_model", pytest.param("inception_model", marks=pytest.mark.slow)])

@@ -67,27 +67,23 @@ def test_anchors_equal_tensorflows_anchor_subgraph(model_fixture, request):
     np.testing.assert_allclose(ours, tf_anchors, atol=1e-5, rtol=0)
 
 
-def _compare_with_tensorflow(model, flavour: str, paths) -> tuple[int, float]:
-    """Detections above 0.3 of the ONNX (onnxruntime) == the frozen graph's (TensorFlow) on the same pixels; the
-    top-100 scores too. Returns (detections above 0.3, worst |score or box| difference)."""
-    from utils.runtime import valid_rows
-
-    with open_model(model, flavour=flavour, batch_size=len(paths)) as ours_runner, \
+def _compare_with_tensorflow(model, flavour: str, paths, backend: str = "onnxruntime"):
+    """Detections above 0.3 of the ONNX (``backend``) and of the frozen graph (TensorFlow) on the same pixels pair
+    up (tests/parity.py); returns the Comparison."""
+    with open_model(model, backend, flavour=flavour, precision="FP32", batch_size=len(paths)) as ours_runner, \
             open_model(model, "tensorflow", batch_size=len(paths)) as tf_runner:
         batch = _batch(paths, ours_runner.spec.input_size)
         ours, our_counts = ours_runner.detect(batch)
         ref, ref_counts = tf_runner.detect(batch)
-    found, worst = 0, 0.0
-    for index, path in enumerate(paths):
-        mine, theirs = valid_rows(ours[index], our_counts[index], 0.3), valid_rows(ref[index], ref_counts[index], 0.3)
-        assert mine.shape == theirs.shape, f"{path.name}: {len(mine)} vs {len(theirs)} detections above 0.3"
-        np.testing.assert_array_equal(mine[:, :2], theirs[:, :2])
-        np.testing.assert_allclose(mine[:, 2:], theirs[:, 2:], atol=1e-3, rtol=0)
-        count = min(our_counts[index], ref_counts[index])
-        np.testing.assert_allclose(ours[index, :count, 2], ref[index, :count, 2], atol=1e-3, rtol=0)
-        found += len(mine)
-        worst = max([worst, *np.abs(mine[:, 2:] - theirs[:, 2:]).reshape(-1)])
-    return found, worst
+    result = assert_same_detections(ours, our_counts, ref, ref_counts, 0.3, names=[path.name for path in paths],
+                                    what=f"{model.name} {flavour} on {backend} vs TensorFlow")
+    assert result.paired > 0, "no detection above 0.3: the comparison would be empty"
+    return result
+
+
+def _voc_photos(shared_dir, count: int = 8) -> list:
+    """VOC photos (non-square, objects at the borders: boxes that cross the image's edge)."""
+    return sorted((shared_dir / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[:count]
 
 
 @pytest.mark.tensorflow
@@ -97,10 +93,57 @@ def _compare_with_tensorflow(model, flavour: str, paths) -> tuple[int, float]:
 def test_onnx_equals_tensorflow_on_real_photos(model_fixture, flavour, request, shared_dir):
     model = request.getfixturevalue(model_fixture)
     paths = _fpn_photos(shared_dir) if model_fixture == "fpn_model" else _photos(shared_dir)
-    found, worst = _compare_with_tensorflow(model, flavour, paths)
-    assert found > 0, "no detection above 0.3: the comparison would be empty"
-    print(f"{model.name} {flavour} vs TF on {len(paths)} photos: {found} detections above 0.3, "
-          f"max |score or box| diff {worst:.1e}")
+    result = _compare_with_tensorflow(model, flavour, paths)
+    print(f"{model.name} {flavour} vs TF on {len(paths)} photos: {result.paired} detections above 0.3 paired, "
+          f"max |score| diff {result.worst_score:.1e}, |box| {result.worst_box:.1e}")
+
+
+# Every post-processing generation (clip before NMS in 2017, after it since) x flavour x runtime, against TF.
+GENERATIONS = [("clip_2017_model", "before_nms"), ("clip_2017_square_model", "before_nms"),
+               ("nonsquare_model", "after_nms")]
+RUNTIMES = [("portable", "onnxruntime"), ("core", "onnxruntime"), ("core", "openvino"), ("trt-plugins", "onnxruntime")]
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+@pytest.mark.parametrize(("flavour", "backend"), RUNTIMES)
+@pytest.mark.parametrize(("model_fixture", "clip_order"), GENERATIONS)
+def test_every_flavour_equals_tensorflow_where_boxes_cross_the_border(model_fixture, clip_order, flavour, backend,
+                                                                       request, shared_dir):
+    """VOC photos, where boxes reach past the image's edge, so where the graph clips (before or after NMS) decides
+    which boxes NMS keeps: each flavour and runtime gives TensorFlow's detections for each generation."""
+    model = request.getfixturevalue(model_fixture)
+    result = _compare_with_tensorflow(model, flavour, _voc_photos(shared_dir), backend)
+    with open_model(model, backend, flavour=flavour, precision="FP32") as runner:
+        assert runner.spec.nms.clip_order == clip_order
+    print(f"{model.name} ({clip_order}) {flavour} on {backend}: {result.paired} paired, {len(result.excused)} "
+          f"excused, max |score| diff {result.worst_score:.1e}")
+
+
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("change", ["no NMS", "no clipping"])
+def test_a_graph_whose_clip_order_cannot_be_read_is_refused_in_one_line(nonsquare_model, change, tmp_path, capsys):
+    """Where the post-processing clips cannot be read from the graph, model.py says so in one line, exit 2, and
+    writes nothing (no guess)."""
+    import model as model_script
+    from utils import tf_graph
+
+    graph_def = tf_graph.load_graph_def(nonsquare_model.graph_path)
+    for node in graph_def.node:
+        if change == "no NMS" and node.op in tf_graph.NMS_OPS:
+            node.op = "CombinedNonMaxSuppression"     # another NMS than the OD API's per-class one
+        if change == "no clipping" and "ClipToWindow" in node.name and node.op in ("Minimum", "Maximum"):
+            node.op = "AddV2"                          # the window is no longer applied
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "frozen_inference_graph.pb").write_bytes(graph_def.SerializeToString())
+    shutil.copy(nonsquare_model.graph_path.parent / "pipeline.config", folder)
+    with pytest.raises(SystemExit) as exit_info:
+        model_script.main(["-m", str(folder), "-w", str(tmp_path / "ws")])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Converting ")]
+    assert len(err) == 1 and "cannot read where its post-processing clips the boxes" in err[0], err
+    assert not any(tmp_path.rglob("*.onnx"))
 
 
 @pytest.mark.tensorflow
