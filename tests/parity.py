@@ -108,14 +108,15 @@ def _row(row: np.ndarray) -> str:
 
 
 def assert_same_detections(ours, our_counts, theirs, their_counts, cutoff: float = 0.0, *, names=None,
-                           what: str = "ours vs theirs", **tolerances) -> Comparison:
+                           what: str = "ours vs theirs", full_at: tuple | None = None, **tolerances) -> Comparison:
     """``compare_detections`` on every image of two batches ([N, K, 7] detections, [N] counts); fails on a
-    detection with no partner that rounding cannot explain. Returns the whole batch's Comparison."""
+    detection with no partner that rounding cannot explain. ``full_at``: the row counts at which each run was cut
+    (default: each array's K; (None, None) for lists that were never cut). Returns the whole batch's Comparison."""
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     assert len(ours) == len(theirs), f"{what}: {len(ours)} vs {len(theirs)} images"
     total, problems = Comparison(), []
     for image in range(len(ours)):
-        rows = (ours.shape[1], theirs.shape[1]) if ours.ndim == 3 else (None, None)
+        rows = full_at if full_at is not None else (ours.shape[1], theirs.shape[1])
         result = compare_detections(ours[image][:int(our_counts[image])], theirs[image][:int(their_counts[image])],
                                     cutoff, rows=rows, **tolerances)
         name = names[image] if names is not None else f"image {image}"

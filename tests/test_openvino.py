@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import IMAGES_DIR, WORKSPACE, model_location, open_model
+from parity import assert_same_detections
 from utils.errors import UserError
 from utils.preprocess import load_image, preprocess
 from utils.runtime import valid_rows
@@ -53,24 +54,9 @@ def test_fp32_equals_onnxruntime(pedestrian_model, photos, flavour):
     assert runner.name == "OpenVINO" and runner.precision == "FP32"
     (reference, reference_counts), _ = _detect(pedestrian_model, "onnxruntime", photos, precision="FP32",
                                                flavour=flavour)
-    assert counts.tolist() == reference_counts.tolist()
-    for index in range(len(photos)):
-        assert _unmatched(valid_rows(reference[index], reference_counts[index]),
-                          valid_rows(ours[index], counts[index]), 1e-4) == [], index
+    assert_same_detections(ours, counts, reference, reference_counts, 0.0, what=f"OpenVINO vs ONNX Runtime ({flavour})",
+                           box_tol=1e-4, iou=1.0)
     assert sum(len(valid_rows(d, n, 0.5)) for d, n in zip(ours, counts)) >= 2        # something was found
-
-
-def _unmatched(reference, ours, atol):
-    """Rows of ``reference`` with no row of ``ours`` equal within ``atol`` (one to one; near-equal scores may be
-    listed in another order)."""
-    free, missing = list(range(len(ours))), []
-    for row in reference:
-        match = next((i for i in free if np.abs(ours[i] - row).max() <= atol), None)
-        if match is None:
-            missing.append(row.tolist())
-        else:
-            free.remove(match)
-    return missing
 
 
 @pytest.mark.slow
