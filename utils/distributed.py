@@ -57,6 +57,7 @@ READ_CPUS = 0.25          # a read task (decode and preprocess one batch on the 
 BLOCK_BATCHES = int(os.environ.get("SSD_RAY_BLOCK_BATCHES", "2"))       # GPU clusters: batches per block
 IN_FLIGHT = 3             # blocks given to one actor at a time: one in its stream, the next ones queued behind it
 FEED_WAIT_S = 0.05        # an actor's stream waits this long for the next block before it drains
+IDLE_S = 0.2              # the driver's pause when it has nothing to wait for (every actor restarting, no call out)
 PROBE_TIMEOUT_S = 5       # a cluster address must accept a connection within this
 CONNECT_TIMEOUT_S = 20    # and Ray must have joined it within this
 ROW_FIELDS = 7
@@ -320,8 +321,8 @@ class _Stream:
                 failed.append(block)
                 raise
 
-        items = parts() if self.decode is None else self.decode(parts())
         try:
+            items = parts() if self.decode is None else self.decode(parts())
             with contextlib.closing(items):
                 for done in overlapped(items, launch, finish, self.runner.max_in_flight):
                     block, done_parts = tags[done_parts], done_parts + 1
@@ -330,16 +331,19 @@ class _Stream:
                         taken.popleft()
                         block.future.set_result(block)
         except Exception as exc:  # noqa: BLE001  (given to the call that waits on the block)
-            # the block whose part failed (or, when the input failed, the next one to launch) gets the error; the
-            # others taken in go back to the front of the queue, to be detected afresh
-            culprit = failed[0] if failed else tags[launched] if launched < len(tags) else taken[0] if taken else None
-            if culprit is not None:
-                culprit.future.set_exception(exc)
+            # the block whose part failed (or, when the input failed, the next one to launch; when the loop failed
+            # before taking any block, e.g. the loader could not start, the first one queued) gets the error; the
+            # others taken in go back to the front of the queue, to be detected afresh. A failure before any block
+            # was taken must fail one: else its call would wait for ever while the stream failed again and again
             with self.changed:
+                culprit = (failed[0] if failed else tags[launched] if launched < len(tags) else taken[0] if taken
+                           else self.queued.popleft() if not tags and self.queued else None)
                 for block in reversed(taken):
                     if block is not culprit:
                         block.reset()
                         self.queued.appendleft(block)
+            if culprit is not None:
+                culprit.future.set_exception(exc)
 
 
 class Detector:
@@ -434,21 +438,20 @@ class DetectorPool:
         count = self.size if count is None else count
         deadline = time.monotonic() + timeout
         while len(self.info) < count and len(self.gone) < self.size and time.monotonic() < deadline:
-            pings = self.waiting()
-            done, _ = self.ray.wait(pings, num_returns=1, timeout=1.0) if pings else (time.sleep(0.2), [])
-            for ref in done:
+            for ref in _wait_one(self.ray, self.waiting()):
                 self.answered(ref)
         if not self.info:
             need = "1 GPU" if self.on_gpu else f"{DETECTOR_CPUS} CPU"
             raise UserError(f"no detector actor started on the Ray cluster within {timeout:.0f} s (each needs {need}); "
                             f"check the cluster's resources (ray status) or give fewer --ray-workers")
 
-    def answered(self, ref) -> None:
-        """A where() call returned: the actor is ready, or it is gone for good (its constructor failed, or it was
-        ended); UserError when every actor is gone."""
+    def answered(self, ref) -> bool:
+        """A where() call returned: the actor is ready (True), still restarting (asked again in a moment), or gone
+        for good (its constructor failed, or it was ended); UserError when every actor is gone."""
         index = self.pings.pop(ref)
         try:
             self.info[index] = self.ray.get(ref)
+            return True
         except self.ray.exceptions.ActorUnavailableError:       # restarting: ask again in a moment
             self.later[index] = time.monotonic() + 0.5
         except self.ray.exceptions.RayError as exc:
@@ -457,6 +460,7 @@ class DetectorPool:
             if len(self.gone) == self.size:
                 raise UserError(f"every detector actor on the Ray cluster is gone ({self.gone[index]}); "
                                 f"run again to resume") from None
+        return False
 
     def close(self) -> None:
         """End the actors and wait (up to STALL_SECONDS) until the cluster has their resources back."""
@@ -468,6 +472,17 @@ class DetectorPool:
         while time.monotonic() < deadline and self.ray.available_resources().get(resource, 0) < min(
                 self.free_before.get(resource, 0), self.ray.cluster_resources().get(resource, 0)):  # a node may be gone
             time.sleep(0.1)
+
+
+def _wait_one(ray, refs: list, timeout: float = 1.0) -> list:
+    """The refs (one at most) that are ready within ``timeout``. With nothing to wait for (no call out and every
+    actor restarting, e.g. the only one just lost) a pause of IDLE_S and none: ray.wait([]) returns at once, and
+    the loops around this would spin."""
+    if not refs:
+        time.sleep(IDLE_S)
+        return []
+    done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    return done
 
 
 def _reason(exc: BaseException) -> str:
@@ -641,12 +656,10 @@ class _Dispatch:
                     self.submit(todo[0], blocks[todo[0]], actor)
                     todo.popleft()
                     load[actor] += 1
-            waiting = list(self.calls) + self.pool.waiting()
-            done, _ = self.ray.wait(waiting, num_returns=1, timeout=1.0) if waiting else (time.sleep(0.2), [])
-            for ref in done:
+            for ref in _wait_one(self.ray, list(self.calls) + self.pool.waiting()):
                 if ref in self.pool.pings:
-                    self.pool.answered(ref)
-                    progress = time.monotonic()
+                    if self.pool.answered(ref):         # an actor came (back) up; "still restarting" is no progress
+                        progress = time.monotonic()
                     continue
                 block, actor = self.calls.pop(ref)
                 try:
