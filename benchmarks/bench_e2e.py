@@ -8,7 +8,8 @@ core, gpu (nvJPEG: hardware engines via nvImageCodec), gpu-cuda (torchvision's n
 (the NVIDIA DALI pipeline of utils.dali_input, what --decode gpu uses when DALI is installed). The "outside" column is the share of end-to-end time not spent in the engine
 alone. Each row also has the stages one at a time, in ms per batch ("stages": launch, NMS alone on the
 engine's real outputs, finish = NMS + copy back) and, per path, where the loop's time went (input wait, launch,
-wait for finish: on CUDA finish of batch k runs on a worker thread during the engine on batch k + 1). Optionally (--voc) the VOC AP of the cpu, gpu and dali decode paths on the same model, through
+wait for finish: on CUDA finish of batch k runs on a worker thread during the engine on batch k + 1), and how many
+images the hardware JPEG engines decoded (null for dali: DALI does not report it). Optionally (--voc) the VOC AP of the cpu, gpu and dali decode paths on the same model, through
 utils.evaluation.run_detections (label map from the file). Runs from a converted ONNX file (--onnx;
 it carries its own description, no TensorFlow), so it runs on the GPU machine; -m MODEL converts
 first. Writes JSON. Run from the repository root:
@@ -36,6 +37,7 @@ import numpy as np
 from benchmarks.common import (add_runtime_args, comma_choices, gpu_name, measure, parse_batches, resolve_plan,
                                write_json)
 from utils import cli
+from utils.pipeline import count_total
 from utils.run import detect_batches, open_executor
 
 PATHS = ("cpu1", "cpu", "gpu", "gpu-cuda", "dali")
@@ -72,7 +74,7 @@ def end_to_end(runner, paths: list[Path], batch: int, workers: int, decode: str)
         stages["finish_s"] += result.inference_seconds - result.launch_seconds
         stages["finish_wait_s"] += result.finish_wait_seconds
         count += len(result.results)
-        on_cpu, hardware = on_cpu + result.cpu_decoded, hardware + result.hardware_decoded
+        on_cpu, hardware = on_cpu + result.cpu_decoded, count_total(hardware, result.hardware_decoded)
     seconds = time.perf_counter() - began - startup
     # the stages as this thread sees them (utils.run.BatchResult): waiting for the next input batch (what the
     # input path did not hide), launch (input copy, engine, copy of its outputs), waiting for finish (NMS and

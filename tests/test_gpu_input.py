@@ -142,12 +142,21 @@ def test_gpu_resize_equals_cpu_resize_on_the_same_pixels():
 
 
 @pytest.mark.gpu
-def test_gpu_loader_keeps_order_and_routes_odd_files(tmp_path):
-    """Every input once, in order; unreadable ones with the CPU path's error; CPU-decoded ones
-    bit-identical to the CPU path; nvJPEG-decoded ones within nvJPEG's rounding of it."""
+@pytest.mark.parametrize("decoder", ["dali", "nvjpeg"])
+def test_gpu_loader_keeps_order_and_routes_odd_files(decoder, tmp_path, monkeypatch):
+    """Each GPU input path (SSD_GPU_DECODER; dali where installed): every input once, in order; unreadable ones
+    with the CPU path's error; CPU-decoded ones bit-identical to the CPU path; GPU-decoded ones within nvJPEG's
+    rounding of it. What the hardware JPEG engines took, as the loader used can tell it: the nvJPEG path counts
+    them (nvImageCodec's hardware decoder takes the baseline JPEGs), DALI does not say (None), never a guess."""
     _cuda_torch()
+    from utils.dali_input import dali_installed
+    from utils.gpu_input import GpuImageLoader, hardware_decoder
     from utils.pipeline import input_batches, load_one
 
+    if decoder == "dali" and not dali_installed():
+        pytest.skip("nvidia-dali is not installed")
+    monkeypatch.setenv("SSD_GPU_DECODER", decoder)
+    assert GpuImageLoader((300, 300)).decoder == decoder        # the loader input_batches makes below
     paths = list(odd_files(tmp_path).values()) + [PHOTO, tmp_path / "missing.jpg"]
     batches = list(input_batches(paths, 4, (300, 300), 3, "gpu"))
     items = [item for batch in batches for item in batch.items]
@@ -163,10 +172,14 @@ def test_gpu_loader_keeps_order_and_routes_odd_files(tmp_path):
                 np.testing.assert_array_equal(tensor, reference.tensor)
             else:
                 assert np.abs(tensor - reference.tensor).mean() < 0.03, item.path     # ~1.5 grey levels of 255
-    from utils.gpu_input import hardware_decoder
-
-    if hardware_decoder() is not None:     # baseline JPEGs go to the GPU's hardware engines
-        assert sum(batch.hardware_decoded for batch in batches) >= 3
+    hardware = [batch.hardware_decoded for batch in batches]
+    if decoder == "dali":                  # a batch with an image on DALI's GPU decoder: unknown; else none
+        assert hardware == [None if any(item.cpu_reason is None and item.error is None for item in batch.items)
+                            else 0 for batch in batches], hardware
+    elif hardware_decoder() is not None:   # baseline JPEGs (baseline, 4:4:4, grey, rotated, person.jpg) on the engines
+        assert sum(hardware) >= 3, hardware
+    else:
+        assert hardware == [0] * len(batches), hardware
     errors = {item.path.name: item.error for item in items if item.error}
     assert set(errors) == {"truncated.jpg", "garbage.jpg", "empty.jpg", "missing.jpg"}
     for name, error in errors.items():

@@ -311,6 +311,21 @@ def test_stream_joins_blocks_queued_within_the_feed_wait_and_restarts_after_it(m
     assert [block_tags(block) for block in done] == [flat(block) for block in blocks]
 
 
+def test_block_counts_hardware_decoded_images_unless_a_batch_does_not_say():
+    """A block's count of images the hardware JPEG engines decoded is its batches' sum, and unknown (None) once a
+    batch's decoder does not say (DALI: InputBatch.hardware_decoded None), never counted as 0."""
+    def batch(tags, hardware):
+        made = tagged(tags)
+        made.hardware_decoded = hardware
+        return made
+
+    stream = distributed._Stream(TagRunner())
+    counted = stream.detect([batch([0, 1], 2), batch([2, 3], 1)])
+    unknown = stream.detect([batch([4, 5], 2), batch([6, 7], None)])
+    assert (counted.hardware, unknown.hardware) == (3, None)
+    assert block_tags(unknown) == [4, 5, 6, 7]
+
+
 # --- shards -------------------------------------------------------------------------------------------------
 
 def shard(first: int, count: int, seed: int, error_at: int | None = None) -> Shard:

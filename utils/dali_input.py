@@ -1,8 +1,9 @@
 """Image files (or their bytes) -> network input with NVIDIA DALI, in DALI's own C++ threads.
 
 One pipeline definition (``build_pipeline``) for both devices: ``device="gpu"`` decodes with
-``fn.decoders.image(device="mixed")`` (the GPU's hardware JPEG engines for ``HW_DECODER_LOAD`` of the
-data, nvJPEG on CUDA for the rest) and resizes on the GPU; ``device="cpu"`` runs the same graph on the
+``fn.decoders.image(device="mixed")`` (the GPU's hardware JPEG engines for about ``HW_DECODER_LOAD`` of each
+batch's baseline JPEGs, nvJPEG on CUDA for the rest; DALI does not report which image went where, so
+InputBatch.hardware_decoded is None) and resizes on the GPU; ``device="cpu"`` runs the same graph on the
 CPU (libjpeg-turbo; no GPU needed), which is how the tests check it against utils.preprocess.
 
 The steps are utils.preprocess's: RGB with the EXIF orientation applied (``adjust_orientation``), TF's
@@ -40,7 +41,8 @@ from utils.pipeline import (KEEP_PIXELS, PREFETCH_BATCHES, InputBatch, LoadedIma
 from utils.preprocess import PIXEL_SCALE
 
 DALI_THREADS = int(os.environ.get("SSD_DALI_THREADS", "8"))    # DALI's CPU threads (decode setup, Huffman)
-# share of the JPEG data sent to the hardware engines (the rest: nvJPEG on CUDA); $SSD_DALI_HW_LOAD overrides
+# share of each batch's images that DALI's nvImageCodec offers the hardware engines (of the baseline JPEGs they take,
+# rounded up to whole engine cores; the rest: nvJPEG on CUDA); $SSD_DALI_HW_LOAD overrides
 HW_DECODER_LOAD = float(os.environ.get("SSD_DALI_HW_LOAD", "0.9"))
 # libjpeg's ("fancy") chroma upsampling, as Pillow decodes: the pixels of the CPU path; $SSD_DALI_FANCY=0 leaves the
 # choice to nvJPEG (benchmarks/README.md: speed and AP of both)
@@ -303,8 +305,13 @@ class DaliImageLoader:
         for item, loaded in zip(group, items):
             loaded.cpu_reason = item.header.cpu_reason
         cpu_reasons = [item.header.cpu_reason for item in group if item.header.cpu_reason is not None]
+        # DALI does not say which of its images the hardware JPEG engines took: with hw_decoder_load h, its
+        # nvImageCodec gives them about h of each batch (rounded up to whole engine cores), of the baseline JPEGs
+        # they can take, and nvJPEG on CUDA the rest; so the count is unknown (None) once DALI decoded any image
+        # on the GPU, never a guess. 0 where it is known: no image went to DALI, or DALI ran on the CPU.
+        hardware = None if on_dali and self.device == "gpu" else 0
         return InputBatch(items, self._assemble(group, on_dali, tensors), cpu_decoded=len(cpu_reasons),
-                          cpu_reasons=cpu_reasons)
+                          cpu_reasons=cpu_reasons, hardware_decoded=hardware)
 
     def _tensor(self, output):
         """DALI's network-input batch as a CUDA torch tensor (no copy: DLPack) or, on the CPU, a numpy array."""

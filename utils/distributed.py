@@ -41,7 +41,7 @@ import numpy as np
 from utils.artifact import Artifact
 from utils.errors import EXIT_USAGE, UserError
 from utils.files import atomic_path, os_reason, write_text_atomic
-from utils.pipeline import InputBatch, chunked
+from utils.pipeline import InputBatch, chunked, count_total
 from utils.run import BatchResult, ImageResult, finish_batch, launch_batch, overlapped
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class DistributedRun:
     results: list[ImageResult]
     num_classes: int
     inference_seconds: float          # summed over the detector calls that made the shards
-    hardware_decoded: int = 0         # decode gpu: files the GPUs' hardware JPEG engines decoded
+    hardware_decoded: int | None = 0  # decode gpu: files the GPUs' hardware JPEG engines decoded (None: not reported)
     stages: dict = field(default_factory=dict)   # the driver's timeline in seconds (see run())
 
 
@@ -226,7 +226,7 @@ class _Block:
         self.meta: list[dict] = []
         self.rows: list[np.ndarray] = []
         self.seconds = 0.0
-        self.hardware = 0
+        self.hardware: int | None = 0
         self.left = len(self.parts)
         self.started = 0.0                   # wall clock, when its first part went into the stream
         self.first = False                   # the stream (re)started with it: the loop had drained before
@@ -239,7 +239,7 @@ class _Block:
             self.meta.append({"size": item.size, "error": item.error, "cpu_reason": item.cpu_reason})
             self.rows.append(np.asarray(rows, np.float32).reshape(-1, ROW_FIELDS))
         self.seconds += seconds
-        self.hardware += batch.hardware_decoded
+        self.hardware = count_total(self.hardware, batch.hardware_decoded)
         self.left -= 1
 
     def result(self, num_classes: int, where: str) -> dict:
@@ -734,7 +734,7 @@ def run(keys: list[str], paths: list[Path], plan, artifact: Artifact, keyed: Cal
         saved = store or open_store()
         if saved.has(block):                # done before (a retried call, or a resumed run's block)
             return
-        hardware += result["hardware"]
+        hardware = count_total(hardware, result["hardware"])
         described = [{"index": i, "key": keys[i], "path": str(paths[i]),
                       "size": list(meta["size"]) if meta["size"] else None, "error": meta["error"],
                       "cpu_reason": meta["cpu_reason"]} for i, meta in zip(blocks[block], result["meta"])]

@@ -59,8 +59,8 @@ def decoder_description() -> str:
     if gpu_decoder() == "dali":
         from utils.dali_input import DALI_THREADS, HW_DECODER_LOAD  # noqa: PLC0415
 
-        return (f"GPU (NVIDIA DALI: hardware JPEG engines for {HW_DECODER_LOAD:.0%} of the data, nvJPEG for the "
-                f"rest, TF's resize on the GPU, {DALI_THREADS} DALI threads)")
+        return (f"GPU (NVIDIA DALI: hardware JPEG engines for about {HW_DECODER_LOAD:.0%} of each batch's baseline "
+                f"JPEGs, nvJPEG for the rest, TF's resize on the GPU, {DALI_THREADS} DALI threads)")
     return ("GPU (nvJPEG: hardware engines via nvImageCodec" + (" " if hardware_decoder() else " not installed, ")
             + "CUDA via torchvision; TF's resize on the GPU)")
 

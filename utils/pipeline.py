@@ -161,7 +161,14 @@ class InputBatch:
     tensor: object = None                 # float32 [n_readable, 3, H, W]: numpy, or a CUDA torch tensor
     cpu_decoded: int = 0                  # decode gpu: files the CPU path decoded instead
     cpu_reasons: list[str] = field(default_factory=list)
-    hardware_decoded: int = 0             # decode gpu: files the GPU's hardware JPEG engines decoded
+    # decode gpu: files the GPU's hardware JPEG engines decoded; None where the decoder does not say (DALI: the
+    # nvImageCodec inside it picks the engine of each image and reports none of it; see count_total)
+    hardware_decoded: int | None = 0
+
+
+def count_total(total: int | None, count: int | None) -> int | None:
+    """``total + count`` for a count that a decoder may not report (None): unknown once any part is."""
+    return None if total is None or count is None else total + count
 
 
 def produced_ahead(produce: Callable[[], Iterator], depth: int, name: str) -> Iterator:

@@ -56,7 +56,8 @@ class BatchResult:
     inference_seconds: float = 0.0         # the runner on the batch: launch + finish (overlapping other batches')
     seconds: float = 0.0                   # this thread, from the previous batch's end to this one's
     cpu_decoded: int = 0                   # decode gpu: files the CPU decoded instead
-    hardware_decoded: int = 0              # decode gpu: files the GPU's hardware JPEG engines decoded
+    hardware_decoded: int | None = 0       # decode gpu: files the GPU's hardware JPEG engines decoded (None: the
+                                           # decoder does not say; utils.pipeline.InputBatch)
     # where this thread's time went (detect_batches; the rest of ``seconds`` is the caller's own work):
     input_seconds: float = 0.0             # waiting for the batch's input (read + decode not hidden)
     launch_seconds: float = 0.0            # runner.launch: the engine
