@@ -108,6 +108,7 @@ NONSQUARE_NAME = "ssd_mobilenet_v1_640x360"
 FPN_NAME = "ssd_mobilenet_v1_fpn_640"
 CLIP_2017_NAME = "ssd_mobilenet_v1_2017_480x300"
 CLIP_2017_SQUARE_NAME = "ssd_mobilenet_v1_2017_300"
+CLIP_2018_NAME = "ssd_mobilenet_v1_2018_400x300"
 
 
 def generated_graph_folder(variant: str) -> Path:
@@ -127,33 +128,38 @@ def generated_graph_folder(variant: str) -> Path:
     return folder
 
 
+def generated_model(variant: str):
+    """The ResolvedModel of a generated variant's folder."""
+    from utils.models import resolve_model
+
+    return resolve_model(str(generated_graph_folder(variant)), WORKSPACE)
+
+
 @pytest.fixture(scope="session")
 def nonsquare_model():
     """SSD MobileNetV1 at 640x360 (non-square feature maps), 3 custom classes in the label_map.pbtxt beside it."""
-    from utils.models import resolve_model
-
-    return resolve_model(str(generated_graph_folder(NONSQUARE_NAME)), WORKSPACE)
+    return generated_model(NONSQUARE_NAME)
 
 
 @pytest.fixture(scope="session")
 def fpn_model():
     """SSD MobileNetV1-FPN at 640x640: multiscale anchors, weight-shared box predictor, 90 COCO classes."""
-    from utils.models import resolve_model
-
-    return resolve_model(str(generated_graph_folder(FPN_NAME)), WORKSPACE)
+    return generated_model(FPN_NAME)
 
 
 @pytest.fixture(scope="session")
 def clip_2017_model():
     """SSD MobileNetV1 at 480x300 with the OD API's 2017 post-processing (boxes clipped before NMS), 3 classes."""
-    from utils.models import resolve_model
-
-    return resolve_model(str(generated_graph_folder(CLIP_2017_NAME)), WORKSPACE)
+    return generated_model(CLIP_2017_NAME)
 
 
 @pytest.fixture(scope="session")
 def clip_2017_square_model():
     """SSD MobileNetV1 at 300x300 with the OD API's 2017 post-processing (boxes clipped before NMS), 90 classes."""
-    from utils.models import resolve_model
+    return generated_model(CLIP_2017_SQUARE_NAME)
 
-    return resolve_model(str(generated_graph_folder(CLIP_2017_SQUARE_NAME)), WORKSPACE)
+
+@pytest.fixture(scope="session")
+def clip_2018_model():
+    """SSD MobileNetV1 at 400x300 with the OD API's 2018 post-processing (clipped before NMS to a per-image window)."""
+    return generated_model(CLIP_2018_NAME)

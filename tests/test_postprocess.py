@@ -4,8 +4,8 @@ exactly multiclass_nms's answer (the reference held equal to TF and to the porta
 import numpy as np
 import pytest
 
-from utils.postprocess import batched_multiclass_nms, multiclass_nms
-from utils.ssd_spec import NmsSpec
+from utils.postprocess import batched_multiclass_nms, multiclass_nms, nms_per_class
+from utils.ssd_spec import CLIP_AFTER_NMS, CLIP_BEFORE_NMS, CLIP_ORDERS, NmsSpec
 
 
 def _random_outputs(seed: int, images: int, anchors: int, classes: int, coarse: bool):
@@ -20,18 +20,44 @@ def _random_outputs(seed: int, images: int, anchors: int, classes: int, coarse: 
     return boxes, scores.astype(np.float32)
 
 
+@pytest.mark.parametrize("clip_order", CLIP_ORDERS)
 @pytest.mark.parametrize("classes,coarse,candidates", [
     (2, False, 256), (2, True, 16), (91, False, 256), (91, True, 64), (91, False, 4), (21, False, 5000),
     (91, False, 2048)])   # 2048: two images per chunk
-def test_batched_nms_equals_reference_on_random_outputs(classes, coarse, candidates):
+def test_batched_nms_equals_reference_on_random_outputs(classes, coarse, candidates, clip_order):
     """Random boxes (some outside the image, some with no area, corners swapped), ties, tiny
-    candidate counts that force the wider second pass, and a count past MAX_CANDIDATES."""
-    nms = NmsSpec(score_threshold=1e-3 if coarse else 1e-8, iou_threshold=0.5, top_k=40, keep_top_k=100)
+    candidate counts that force the wider second pass, and a count past MAX_CANDIDATES; both clip orders."""
+    nms = NmsSpec(score_threshold=1e-3 if coarse else 1e-8, iou_threshold=0.5, top_k=40, keep_top_k=100,
+                  clip_order=clip_order)
     boxes, scores = _random_outputs(classes, 11, 600, classes, coarse)
     expected, expected_counts = multiclass_nms(boxes, scores, nms)
     got, got_counts = batched_multiclass_nms(boxes, scores, nms, candidates)
     np.testing.assert_array_equal(got_counts, expected_counts)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_clipping_before_nms_changes_what_nms_keeps():
+    """The clip order matters on these outputs (boxes past the border): the two orders give different detections."""
+    boxes, scores = _random_outputs(3, 4, 600, 5, False)
+    after, _ = multiclass_nms(boxes, scores, NmsSpec(clip_order=CLIP_AFTER_NMS))
+    before, _ = multiclass_nms(boxes, scores, NmsSpec(clip_order=CLIP_BEFORE_NMS))
+    assert not np.array_equal(after, before)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_nms_over_the_best_candidates_equals_nms_with_the_others_scored_zero(coarse):
+    """max_candidates (NMS_TRT's topK) runs on each class's best K only: the same as NMS over every box with
+    the scores outside those K set below the threshold."""
+    boxes, scores = _random_outputs(7, 1, 900, 6, coarse)
+    nms = NmsSpec(score_threshold=1e-3, iou_threshold=0.5, top_k=60)
+    class_scores = scores[0, :, 1:].T
+    limited = np.zeros_like(class_scores)
+    best = np.argsort(-class_scores, axis=1, kind="stable")[:, :100]
+    np.put_along_axis(limited, best, np.take_along_axis(class_scores, best, axis=1), axis=1)
+    got = nms_per_class(boxes[0], class_scores, nms, max_candidates=100)
+    expected = nms_per_class(boxes[0], limited, nms)
+    for got_part, expected_part in zip(got, expected):
+        np.testing.assert_array_equal(got_part, expected_part)
 
 
 def test_batched_nms_with_no_candidates():

@@ -8,8 +8,11 @@ TF1 exports (as ../shared/models/make_inception_v2_random.py does for SSD Incept
   image_tensor -> ToFloat -> Preprocessor/map/while/ResizeImage (stack [H, W], legacy bilinear) ->
   Preprocessor/mul, sub -> FeatureExtractor/MobilenetV1/MobilenetV1/Conv2d_*  (+ the variant's extra layers) ->
   box predictor -> concat / concat_1 -> Postprocessor (FasterRcnnBoxCoder decode, sigmoid, the OD API's
-  per-class NMS in a map over the batch: NMS, then boxes clipped to [0, 1] and zero-area ones dropped, as
-  exports since 2018 do) -> detection_boxes / scores / classes / num_detections.
+  per-class NMS in a map over the batch, in the variant's generation: "2017" and "2018" clip each class's boxes
+  to the window and drop zero-area ones BEFORE NonMaxSuppressionV2 (2018: the window is a per-image map input,
+  SSDMetaArch._compute_clip_window); "2019" (tensorflow/models 59f7e80a, 2018-08-07, on; the real pedestrian
+  graph) runs NonMaxSuppressionV3 on unclipped boxes and clips the sorted union AFTER it)
+  -> detection_boxes / scores / classes / num_detections.
   The anchors are computed in the graph by TF ops as the OD API does (MultipleGridAnchorGenerator or
   MultiscaleGridAnchorGenerator, then Concatenate/concat), so evaluating that node is TensorFlow's answer.
 
@@ -23,6 +26,9 @@ Variants:
                              octave, aspect ratios 1, 2, 0.5), weight_shared_convolutional_box_predictor
                              (WeightSharedConvolutionalBoxPredictor[_N]/{Box,Class}PredictionTower/conv2d_0..3,
                              BoxPredictor, ClassPredictor), fixed_shape_resizer 640 x 640, 90 COCO classes.
+  ssd_mobilenet_v1_2017_300, ssd_mobilenet_v1_2017_480x300, ssd_mobilenet_v1_2018_400x300
+                             as ssd_mobilenet_v1 above at those sizes (90 COCO or the 3 custom classes), with the
+                             2017 / 2018 post-processing.
 
 Weights come from numpy's RandomState(seed) in construction order; the graph is serialised
 deterministically, so one TensorFlow version writes the same bytes everywhere. Detections are
@@ -59,7 +65,7 @@ class Variant:
     seed: int
     class_bias: float                    # mean of the class-logit biases
     class_std: float                     # spread of the class-logit weights (with the bias: a few scores above 0.3)
-    generation: str = "2019"             # the OD API post-processing's form: "2017" clips before NMS, later after
+    generation: str = "2019"             # the OD API post-processing's form: "2017", "2018" (clip before NMS), "2019"
 
     @property
     def num_classes(self) -> int:
@@ -75,9 +81,12 @@ VARIANTS = {
                                          generation="2017"),
     "ssd_mobilenet_v1_2017_480x300": Variant(300, 480, ("pallet", "forklift", "hard hat"), fpn=False, seed=2018,
                                              class_bias=-2.0, class_std=1.5, generation="2017"),
+    "ssd_mobilenet_v1_2018_400x300": Variant(300, 400, ("pallet", "forklift", "hard hat"), fpn=False, seed=2019,
+                                             class_bias=-2.0, class_std=1.5, generation="2018"),
 }
 SSD_ASPECT_RATIOS = (1.0, 2.0, 0.5, 3.0, 0.3333)
 FPN_ASPECT_RATIOS = (1.0, 2.0, 0.5)
+CLIP_BEFORE_NMS = ("2017", "2018")   # generations whose post-processing clips each class's boxes before NMS
 MIN_LEVEL, MAX_LEVEL, ANCHOR_SCALE, SCALES_PER_OCTAVE, FPN_DEPTH, TOWER_LAYERS = 3, 7, 4.0, 2, 256, 4
 
 
@@ -335,7 +344,7 @@ def weight_shared_box_predictor(b: Builder, maps, count, num_class_slots, class_
 # --- post-processing (the OD API's FasterRcnnBoxCoder and batch_multiclass_non_max_suppression) ------------
 
 def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int, num_classes: int,
-                generation: str = "2019"):
+                height: int, width: int, generation: str = "2019"):
     tf1, raw = tf.compat.v1, tf.raw_ops
 
     def decode(codes, boxes):
@@ -354,12 +363,11 @@ def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int,
         with tf.name_scope("Gather"):
             return {key: tf.gather(value, index) for key, value in fields.items()}
 
-    def clip_to_window(fields):
-        """box_list_ops.clip_to_window(window [0, 0, 1, 1], filter_nonoverlapping=True): corners clipped, boxes
-        with no area dropped."""
+    def clip_to_window(fields, window):
+        """box_list_ops.clip_to_window(window, filter_nonoverlapping=True): corners clipped to the window
+        (ymin, xmin, ymax, xmax), boxes with no area dropped."""
         with tf.name_scope("ClipToWindow"):
             y0, x0, y1, x1 = tf.split(fields["boxes"], 4, axis=1)
-            window = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32)
             win_y0, win_x0, win_y1, win_x1 = tf.unstack(window)
             y0, y1 = (tf.maximum(tf.minimum(v, win_y1), win_y0) for v in (y0, y1))
             x0, x1 = (tf.maximum(tf.minimum(v, win_x1), win_x0) for v in (x0, x1))
@@ -368,23 +376,35 @@ def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int,
                 area = tf.squeeze((y1 - y0) * (x1 - x0), [1])
             return gather(fields, tf.cast(tf.reshape(tf.where(area > 0.0), [-1]), tf.int32))
 
-    def multiclass_nms_2017(boxes, scores):
-        """post_processing.multiclass_non_max_suppression as the OD API's 2017 exports have it
-        (ssd_inception_v2_coco_2017_11_17, ../shared's InceptionV2 stand-in): per class the boxes above the
-        score threshold, clipped to the window with zero-area ones dropped, NMS (NonMaxSuppressionV2) on the
-        clipped boxes; the union sorted by score, the best max_total_size kept."""
+    def multiclass_nms(boxes, scores, window):
+        """post_processing.multiclass_non_max_suppression of the variant's generation.
+
+        2017 and 2018 (before tensorflow/models 59f7e80a, 2018-08-07; ssd_inception_v2_coco_2017_11_17, the
+        *_2018_01_28 zoo SSDs): per class the boxes above the score threshold, clipped to the window with the
+        zero-area ones dropped, NonMaxSuppressionV2 on the clipped boxes; the union sorted by score, the best
+        max_total_size kept. 2019 (59f7e80a on; the real pedestrian graph): NonMaxSuppressionV3 per class on the
+        unclipped boxes, the union sorted by score, then clipped with zero-area boxes dropped, then the best
+        max_total_size."""
         with tf.name_scope("MultiClassNonMaxSuppression"):
             selected = []
             for class_index in range(num_classes):
                 fields = {"boxes": boxes, "scores": tf.reshape(scores[:, class_index], [-1])}
-                with tf.name_scope("FilterGreaterThan"):
-                    fields = gather(fields, tf.cast(tf.reshape(tf.where(fields["scores"] > SCORE_THRESH), [-1]),
-                                                    tf.int32))
-                fields = clip_to_window(fields)
-                keep = raw.NonMaxSuppressionV2(boxes=fields["boxes"], scores=fields["scores"],
-                                               max_output_size=tf.minimum(MAX_PER_CLASS, tf.shape(fields["boxes"])[0]),
-                                               iou_threshold=tf.constant(IOU_THRESH, tf.float32),
-                                               name="non_max_suppression/NonMaxSuppressionV2")
+                if generation in CLIP_BEFORE_NMS:
+                    with tf.name_scope("FilterGreaterThan"):
+                        fields = gather(fields, tf.cast(tf.reshape(tf.where(fields["scores"] > SCORE_THRESH), [-1]),
+                                                        tf.int32))
+                    fields = clip_to_window(fields, window)
+                    keep = raw.NonMaxSuppressionV2(
+                        boxes=fields["boxes"], scores=fields["scores"],
+                        max_output_size=tf.minimum(MAX_PER_CLASS, tf.shape(fields["boxes"])[0]),
+                        iou_threshold=tf.constant(IOU_THRESH, tf.float32),
+                        name="non_max_suppression/NonMaxSuppressionV2")
+                else:
+                    keep = raw.NonMaxSuppressionV3(boxes=fields["boxes"], scores=fields["scores"],
+                                                   max_output_size=tf.minimum(MAX_PER_CLASS, tf.shape(boxes)[0]),
+                                                   iou_threshold=tf.constant(IOU_THRESH, tf.float32),
+                                                   score_threshold=tf.constant(SCORE_THRESH, tf.float32),
+                                                   name="non_max_suppression/NonMaxSuppressionV3")
                 fields = gather(fields, keep)
                 fields["classes"] = tf.zeros_like(fields["scores"]) + float(class_index)
                 selected.append(fields)
@@ -393,33 +413,8 @@ def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int,
             with tf.name_scope("SortByField"):
                 _, order = tf.nn.top_k(merged["scores"], tf.shape(merged["boxes"])[0], sorted=True)
                 merged = gather(merged, order)
-            total = tf.minimum(MAX_TOTAL, tf.shape(merged["boxes"])[0])
-            return gather(merged, tf.range(total)), total
-
-    def multiclass_nms(boxes, scores):
-        """post_processing.multiclass_non_max_suppression as the OD API exports since 2019 do it (the real
-        pedestrian graph too): NMS per class on the decoded boxes, the union sorted by score, then clipped to
-        the window [0, 0, 1, 1] with zero-area boxes dropped, then the best max_total_size."""
-        if generation == "2017":
-            return multiclass_nms_2017(boxes, scores)
-        with tf.name_scope("MultiClassNonMaxSuppression"):
-            selected = []
-            for class_index in range(num_classes):
-                fields = {"boxes": boxes, "scores": scores[:, class_index]}
-                keep = raw.NonMaxSuppressionV3(boxes=fields["boxes"], scores=fields["scores"],
-                                               max_output_size=tf.minimum(MAX_PER_CLASS, tf.shape(boxes)[0]),
-                                               iou_threshold=tf.constant(IOU_THRESH, tf.float32),
-                                               score_threshold=tf.constant(SCORE_THRESH, tf.float32),
-                                               name="non_max_suppression/NonMaxSuppressionV3")
-                fields = gather(fields, keep)
-                fields["classes"] = tf.zeros_like(fields["scores"]) + float(class_index)
-                selected.append(fields)
-            with tf.name_scope("Concatenate"):
-                merged = {key: tf.concat([s[key] for s in selected], 0) for key in ("boxes", "scores", "classes")}
-            with tf.name_scope("SortByField"):
-                _, order = tf.nn.top_k(merged["scores"], tf.shape(merged["boxes"])[0], sorted=True)
-                merged = gather(merged, order)
-            merged = clip_to_window(merged)
+            if generation not in CLIP_BEFORE_NMS:
+                merged = clip_to_window(merged, window)
             total = tf.minimum(MAX_TOTAL, tf.shape(merged["boxes"])[0])
             return gather(merged, tf.range(total)), total
 
@@ -434,7 +429,11 @@ def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int,
         return t
 
     def one_image(args):
-        merged, total = multiclass_nms(*args)
+        if generation == "2018":       # the window of each image, a map_fn input
+            boxes, scores, window = args
+        else:                          # the constant window [0, 0, 1, 1]
+            (boxes, scores), window = args, tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32)
+        merged, total = multiclass_nms(boxes, scores, window)
         with tf.name_scope("PadOrClipBoxList"):
             return (pad_or_clip(merged["boxes"], MAX_TOTAL), pad_or_clip(merged["scores"], MAX_TOTAL),
                     pad_or_clip(merged["classes"], MAX_TOTAL), total)
@@ -445,8 +444,17 @@ def postprocess(tf, box_encodings, class_predictions, anchors, num_anchors: int,
         decoded = decode(tf.reshape(box_encodings, [-1, 4]), tiled)
         decoded = tf.reshape(decoded, tf.stack([batch, num_anchors, 4]))
         scores = tf.sigmoid(tf.slice(class_predictions, [0, 0, 1], [-1, -1, -1]))
+        elements = (decoded, scores)
+        if generation == "2018":
+            # SSDMetaArch._compute_clip_window: [0, 0, true height / height, true width / width] per image, from
+            # true_image_shapes (a fixed_shape_resizer's: the network's own size, so [0, 0, 1, 1])
+            shapes = tf.cast(tf.tile(tf.constant([[height, width, 3]], tf.int32), tf.stack([batch, 1])), tf.float32,
+                             name="ToFloat_1")
+            true_height, true_width, _ = tf.unstack(shapes, axis=1)
+            elements += (tf.stack([tf.zeros_like(true_height), tf.zeros_like(true_width), true_height / height,
+                                   true_width / width], axis=1),)
         with tf.name_scope("BatchMultiClassNonMaxSuppression"):
-            boxes, scores, classes, count = tf1.map_fn(one_image, elems=(decoded, scores),
+            boxes, scores, classes, count = tf1.map_fn(one_image, elems=elements,
                                                        dtype=(tf.float32, tf.float32, tf.float32, tf.int32),
                                                        parallel_iterations=32)
         count = tf.cast(count, tf.float32, name="ToFloat")
@@ -506,7 +514,7 @@ def build(variant: Variant, seed: int | None = None):
             "concat", "concat_1", "Concatenate/concat")
         if not variant.fpn:
             box_encodings = tf.squeeze(box_encodings, axis=2)
-        postprocess(tf, box_encodings, class_predictions, anchors, num_anchors, variant.num_classes,
+        postprocess(tf, box_encodings, class_predictions, anchors, num_anchors, variant.num_classes, height, width,
                     variant.generation)
     outputs = ["detection_boxes", "detection_scores", "detection_classes", "num_detections"]
     return tf1.graph_util.extract_sub_graph(graph.as_graph_def(), outputs)

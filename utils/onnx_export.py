@@ -250,9 +250,7 @@ def nms_trt_top_k(spec: SsdSpec) -> int:
     TF runs NMS over every box of a class and keeps max_detections_per_class; with topK = every anchor (up to
     TensorRT's 4096) NMS_TRT sees the same candidates, and the rows beyond max_detections_per_class it may keep
     never reach the best keepTopK while keepTopK <= max_detections_per_class (the OD API's configs)."""
-    if spec.num_anchors > NMS_TRT_MAX_TOP_K:     # cannot be exact: the original sample's max_detections_per_class
-        return int(spec.nms.top_k)
-    return int(max(spec.nms.top_k, spec.num_anchors))
+    return int(min(max(spec.nms.top_k, spec.num_anchors), NMS_TRT_MAX_TOP_K))
 
 
 def nms_fields(spec: SsdSpec) -> dict:

@@ -36,18 +36,51 @@ def decode_boxes(encodings: np.ndarray, anchors: np.ndarray,
     return np.concatenate([box_centers - half, box_centers + half], axis=-1).astype(np.float32)
 
 
-def iou_rows(picked: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of each picked (ymin, xmin, ymax, xmax) box [P, 4] with every box [A, 4] -> [P, A].
+def pair_iou(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """IoU of (ymin, xmin, ymax, xmax) boxes [..., 4] against [..., 4], broadcast -> [...].
 
     Corners are ordered first and a zero union gives 0, as ONNX NonMaxSuppression computes it.
     """
-    lo, hi = np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])
-    p_lo, p_hi = np.minimum(picked[:, :2], picked[:, 2:]), np.maximum(picked[:, :2], picked[:, 2:])
-    height = np.clip(np.minimum(p_hi[:, None, 0], hi[None, :, 0]) - np.maximum(p_lo[:, None, 0], lo[None, :, 0]), 0, None)
-    width = np.clip(np.minimum(p_hi[:, None, 1], hi[None, :, 1]) - np.maximum(p_lo[:, None, 1], lo[None, :, 1]), 0, None)
+    lo, hi = np.minimum(second[..., :2], second[..., 2:]), np.maximum(second[..., :2], second[..., 2:])
+    p_lo, p_hi = np.minimum(first[..., :2], first[..., 2:]), np.maximum(first[..., :2], first[..., 2:])
+    height = np.clip(np.minimum(p_hi[..., 0], hi[..., 0]) - np.maximum(p_lo[..., 0], lo[..., 0]), 0, None)
+    width = np.clip(np.minimum(p_hi[..., 1], hi[..., 1]) - np.maximum(p_lo[..., 1], lo[..., 1]), 0, None)
     inter = height * width
-    union = (p_hi - p_lo).prod(axis=1)[:, None] + (hi - lo).prod(axis=1)[None] - inter
+    union = (p_hi - p_lo).prod(axis=-1) + (hi - lo).prod(axis=-1) - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def iou_rows(picked: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of each picked (ymin, xmin, ymax, xmax) box [P, 4] with every box [A, 4] -> [P, A]."""
+    return pair_iou(picked[:, None], boxes[None])
+
+
+def _nms_over_candidates(boxes: np.ndarray, class_scores: np.ndarray, nms: NmsSpec,
+                         max_candidates: int) -> tuple[np.ndarray, np.ndarray]:
+    """``nms_per_class`` over each class's best ``max_candidates`` boxes only (NMS_TRT's topK): the same greedy
+    steps on [C, K] candidates, so the work and memory grow with K, not with the anchors."""
+    classes = class_scores.shape[0]
+    candidates = np.argsort(-class_scores, axis=1, kind="stable")[:, :max_candidates]   # ties: lower anchor first
+    scores = np.take_along_axis(class_scores, candidates, axis=1)
+    candidate_boxes = boxes[candidates]                                                 # [C, K, 4]
+    alive = scores > nms.score_threshold
+    masked = np.where(alive, scores, -np.inf)
+    kept_rows, kept_anchors = [], []
+    everyone = np.arange(classes)
+    for _ in range(nms.top_k):
+        best = masked.argmax(axis=1)
+        active = alive[everyone, best]
+        if not active.any():
+            break
+        rows, picks = everyone[active], best[active]
+        kept_rows.append(rows)
+        kept_anchors.append(candidates[rows, picks])
+        alive[rows] &= ~(pair_iou(candidate_boxes[rows, picks][:, None], candidate_boxes[rows]) > nms.iou_threshold)
+        alive[rows, picks] = False
+        masked[rows] = np.where(alive[rows], masked[rows], -np.inf)
+    if not kept_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(kept_rows), np.concatenate(kept_anchors)
 
 
 def nms_per_class(boxes: np.ndarray, class_scores: np.ndarray, nms: NmsSpec,
@@ -59,12 +92,9 @@ def nms_per_class(boxes: np.ndarray, class_scores: np.ndarray, nms: NmsSpec,
     boxes considered to its best N before NMS (NMS_TRT's topK; None = all, as TF does).
     """
     classes, anchors = class_scores.shape
-    alive = class_scores > nms.score_threshold
     if max_candidates is not None and max_candidates < anchors:
-        ranked = np.argsort(-class_scores, axis=1, kind="stable")[:, :max_candidates]
-        limited = np.zeros_like(alive)
-        np.put_along_axis(limited, ranked, True, axis=1)
-        alive &= limited
+        return _nms_over_candidates(boxes, class_scores, nms, max_candidates)
+    alive = class_scores > nms.score_threshold
     suppresses = np.empty((anchors, anchors), bool)   # row i: boxes that box i suppresses, filled on demand
     known = np.zeros(anchors, bool)
     masked = np.where(alive, class_scores, -np.inf)
