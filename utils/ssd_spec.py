@@ -70,9 +70,9 @@ class AnchorSpec:
 
 
 # Where the graph's post-processing clips the decoded boxes to the window [0, 0, 1, 1] (read from the graph by
-# utils.tf_graph.clip_order): the OD API's exports of 2017 clip every class's boxes and drop the zero-area ones
-# BEFORE the per-class NMS (IoUs of clipped boxes); later exports run NMS on the unclipped boxes and clip the
-# sorted union AFTER it (then drop zero-area ones). NMS_TRT's clipBoxes clips before NMS too.
+# utils.tf_graph.clip_order): the OD API's exports of 2017 and early 2018 clip every class's boxes and drop the
+# zero-area ones BEFORE the per-class NMS (IoUs of clipped boxes); exports since tensorflow/models 59f7e80a
+# (2018-08-07) run NMS on the unclipped boxes and clip the sorted union AFTER it (then drop zero-area ones).
 CLIP_BEFORE_NMS = "before_nms"
 CLIP_AFTER_NMS = "after_nms"
 CLIP_ORDERS = (CLIP_BEFORE_NMS, CLIP_AFTER_NMS)
